@@ -1,0 +1,3 @@
+from mpnet_dist.cli import main
+
+main()
