@@ -1,0 +1,316 @@
+"""Training configuration: one dataclass, the reference trainer's flag names, YAML recipes, CLI overrides.
+
+Precedence is command line > YAML (`--config FILE`) > dataclass default. YAML keys are the flag names
+(dashes or underscores). Unknown keys and values of the wrong type are errors that name the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad flag or recipe value; the message names the flag to fix."""
+
+
+def _opt(default: Any, help: str, *aliases: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # --- model (reference names) ---
+    encoder_layers: int = _opt(12, "Transformer layers.")
+    encoder_embed_dim: int = _opt(768, "Hidden size.")
+    encoder_ffn_dim: int = _opt(3072, "Feed-forward inner size.")
+    encoder_attention_heads: int = _opt(12, "Attention heads.")
+    dropout: float = _opt(0.1, "Dropout on embeddings, attention output and FFN output.")
+    attention_dropout: float = _opt(0.1, "Dropout on attention probabilities.")
+    activation_dropout: float = _opt(0.1, "Dropout after the FFN activation.")
+    activation_fn: str = _opt(
+        "gelu", "FFN activation.", "-activation", choices=("gelu", "relu", "silu", "gelu_tanh")
+    )
+    normalize_before: bool = _opt(False, "Pre-LN layers (not exportable to Hugging Face MPNet).", "-prenorm")
+    max_positions: int | None = _opt(None, "Learned position table size (default: --max-tokens).")
+    relative_attention_num_buckets: int | None = _opt(
+        None, "Relative-position buckets (default 32; HF MPNet only supports 32).", "-num_buckets"
+    )
+    relative_attention_max_distance: int | None = _opt(
+        None, "Relative-position max distance (default 128; HF MPNet only supports 128)."
+    )
+    attn_impl: str = _opt("sdpa", "Attention implementation.", choices=("sdpa", "eager"))
+    # --- tokenizer and data ---
+    tokenizer_name: str = _opt(
+        "microsoft/mpnet-base",
+        "HF tokenizer name or folder; 'builtin' = WordPiece trained on the offline corpus.",
+    )
+    max_tokens: int = _opt(512, "Tokens per sequence (block length), specials included.")
+    train_dir: str | None = _opt(None, "Directory of training files (.txt, .jsonl, optionally .gz).")
+    valid_file: str | None = _opt(None, "Validation file.")
+    test_file: str | None = _opt(None, "Test file.")
+    dataset_name: str | None = _opt(
+        None,
+        "HF dataset to stream (default HuggingFaceFW/fineweb-edu when no files are given); "
+        "'builtin' = the offline standard-library docstring corpus.",
+    )
+    dataset_config: str | None = _opt(None, "HF dataset configuration name.")
+    dataset_split: str = _opt("train", "HF dataset split to stream.")
+    text_field: str = _opt("text", "Field holding the text in JSON lines and HF datasets.")
+    buffer_size: int = _opt(10000, "Streaming shuffle buffer size (documents).")
+    eval_samples: int = _opt(500, "Streaming: documents taken for validation and for test, each.")
+    min_text_length: int = _opt(64, "Streaming: drop documents shorter than this many characters.")
+    packing: bool = _opt(
+        True, "Pack documents into full blocks (default); --no-packing = one document per row."
+    )
+    pred_prob: float = _opt(0.15, "Fraction of tokens predicted.")
+    rand_prob: float = _opt(0.10, "Fraction of predicted tokens replaced by a random token.")
+    keep_prob: float = _opt(0.10, "Fraction of predicted tokens left unchanged.")
+    whole_word_mask: bool = _opt(True, "Permute whole words (uses the fast tokenizer's word ids).")
+    data_cache_dir: str | None = _opt(None, "Where tokenized block caches go (default ~/.cache/mpnet_dist).")
+    num_workers: int = _opt(0, "DataLoader worker processes per rank.")
+    # --- optimization ---
+    total_updates: int = _opt(10000, "Optimizer steps to train.")
+    warmup_updates: int | None = _opt(
+        None, "Linear warmup steps (default 10% of --total-updates).", "-warmup_steps"
+    )
+    batch_size: int = _opt(16, "Sequences per micro-batch per process.")
+    update_freq: int = _opt(8, "Micro-batches accumulated per optimizer step.", "-gc_steps")
+    lr: float = _opt(6e-4, "Peak learning rate.")
+    end_learning_rate: float = _opt(0.0, "Learning rate at the end of the polynomial decay.", "-end_lr")
+    power: float = _opt(1.0, "Polynomial decay power.")
+    beta1: float = _opt(0.9, "AdamW beta1.")
+    beta2: float = _opt(0.98, "AdamW beta2.")
+    adam_eps: float = _opt(1e-6, "AdamW epsilon.")
+    weight_decay: float = _opt(0.01, "Weight decay (not applied to biases and norms).", "-wd")
+    clip_grad_norm: float = _opt(1.0, "Gradient clipping max norm (0 disables).", "-grad_clip")
+    mixed_precision: str | None = _opt(
+        None, "no, bf16 or fp16 (default: bf16 on CUDA, no on CPU).", choices=("no", "bf16", "fp16")
+    )
+    gradient_checkpointing: bool = _opt(False, "Recompute layer activations in backward to save memory.")
+    compile: bool = _opt(False, "torch.compile the model.")
+    seed: int = _opt(12345, "Random seed (model init, data order, masks).")
+    # --- evaluation, checkpoints, logging ---
+    eval_interval_steps: int | None = _opt(
+        None,
+        "Validate every N steps (default --checkpoint-interval if > 0, else 5000; <= 0: only at the end).",
+    )
+    checkpoint_dir: str = _opt("./checkpoints", "Run directory: checkpoints, config.yaml, metrics.jsonl.")
+    checkpoint_interval: int = _opt(
+        -1, "Save step-N checkpoints every N steps (-1: only best and final).", "--save_steps", "--save-steps"
+    )
+    keep_checkpoints: int = _opt(-1, "Keep the newest N interval checkpoints (-1 keeps all).")
+    resume: bool = _opt(
+        False, "Resume from the newest complete checkpoint in --checkpoint-dir (none: start fresh)."
+    )
+    resume_checkpoint: str | None = _opt(None, "Resume from this checkpoint folder.")
+    trust_checkpoint: bool = _opt(False, "Allow loading pickled (non weights-only) checkpoint files.")
+    hf_model_path: str | None = _opt(None, "Initialize weights from a Hugging Face MPNet folder.")
+    export_hf_dir: str | None = _opt(
+        None, "At the end of training, export a verified HF MPNetForMaskedLM folder here."
+    )
+    save_optimizer_state: bool = _opt(False, "Accepted for compatibility: optimizer state is always saved.")
+    logging_steps: int = _opt(25, "Log a training line every N steps.", "--logging_steps")
+    tensorboard_log_dir: str | None = _opt(None, "TensorBoard log directory.", "-log_dir")
+    wandb: bool = _opt(False, "Log to Weights & Biases.")
+    wandb_project: str = _opt("annotated-mpnet", "W&B project.")
+    wandb_name: str | None = _opt(None, "W&B run name.")
+    wandb_id: str | None = _opt(None, "W&B run id (resume='allow').")
+    wandb_watch: bool = _opt(False, "wandb.watch the model (gradients every 100 steps).")
+    max_nonfinite_skips: int = _opt(
+        0, "Consecutive steps with a NaN/Inf loss to skip before stopping (0: stop at the first)."
+    )
+    debug: bool = _opt(False, "Verbose (debug-level) logging.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # Derived values are methods, not fields, so a saved config never carries stale copies.
+    def resolved_max_positions(self) -> int:
+        return self.max_positions if self.max_positions is not None else self.max_tokens
+
+    def resolved_warmup(self) -> int:
+        return self.warmup_updates if self.warmup_updates is not None else round(0.1 * self.total_updates)
+
+    def resolved_eval_interval(self) -> int:
+        if self.eval_interval_steps is None:
+            return self.checkpoint_interval if self.checkpoint_interval > 0 else 5000
+        return self.eval_interval_steps if self.eval_interval_steps > 0 else self.total_updates
+
+    def resolved_dataset_name(self) -> str | None:
+        if self.train_dir:
+            return None
+        return self.dataset_name or "HuggingFaceFW/fineweb-edu"
+
+    def validate(self) -> None:
+        problems = []
+        positive = (
+            "encoder_layers",
+            "encoder_embed_dim",
+            "encoder_ffn_dim",
+            "encoder_attention_heads",
+            "max_tokens",
+            "total_updates",
+            "batch_size",
+            "update_freq",
+            "logging_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                problems.append(f"{flag(name)} must be >= 1 (got {getattr(self, name)})")
+        if self.encoder_embed_dim % max(self.encoder_attention_heads, 1):
+            problems.append(
+                f"{flag('encoder_embed_dim')} ({self.encoder_embed_dim}) must be divisible by "
+                f"{flag('encoder_attention_heads')} ({self.encoder_attention_heads})"
+            )
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{flag(name)} must be in [0, 1) (got {getattr(self, name)})")
+        if not 0.0 < self.pred_prob < 1.0:
+            problems.append(f"{flag('pred_prob')} must be in (0, 1) (got {self.pred_prob})")
+        if self.rand_prob < 0 or self.keep_prob < 0 or self.rand_prob + self.keep_prob > 1.0:
+            problems.append(f"{flag('rand_prob')} + {flag('keep_prob')} must be within [0, 1]")
+        if self.resolved_max_positions() < self.max_tokens:
+            problems.append(
+                f"{flag('max_positions')} ({self.max_positions}) must be >= {flag('max_tokens')} ({self.max_tokens})"
+            )
+        if self.warmup_updates is not None and not 0 <= self.warmup_updates <= self.total_updates:
+            problems.append(
+                f"{flag('warmup_updates')} must be in [0, {flag('total_updates')}] (got {self.warmup_updates})"
+            )
+        for name in ("eval_samples", "num_workers", "min_text_length", "max_nonfinite_skips"):
+            if getattr(self, name) < 0:
+                problems.append(f"{flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if self.keep_checkpoints < -1:
+            problems.append(f"{flag('keep_checkpoints')} must be -1 (keep all) or >= 0")
+        if self.clip_grad_norm < 0 or not math.isfinite(self.lr) or self.lr <= 0:
+            problems.append(f"{flag('clip_grad_norm')} must be >= 0 and {flag('lr')} > 0")
+        files = [self.train_dir, self.valid_file, self.test_file]
+        if any(files) and not all(files):
+            problems.append("--train-dir, --valid-file and --test-file must be given together")
+        if self.resume_checkpoint and not self.resume:
+            self.resume = True  # naming a checkpoint is an unambiguous request to resume
+        if self.hf_model_path and self.resume:
+            problems.append(
+                "--hf-model-path cannot be combined with --resume/--resume-checkpoint "
+                "(a checkpoint already holds the weights)"
+            )
+        if problems:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_value(name: str, raw: Any) -> Any:
+    """Coerce a YAML or CLI value to the field's type; raise ConfigError naming the flag."""
+    f = FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    optional = "None" in kind
+    if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{flag(name)} cannot be empty")
+    base = kind.replace(" | None", "")
+    try:
+        if base == "bool":
+            if isinstance(raw, bool):
+                return raw
+            lowered = str(raw).lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if base == "int":
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if base == "float":
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        value = str(raw)
+        if value == "" and optional:
+            return None  # the reference treats --dataset-name "" as unset
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag(name)}: expected {base}, got {raw!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{flag(name)}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key.replace("-", "_"), FIELDS, n=1)
+    hint = f" (did you mean {flag(close[0])}?)" if close else ""
+    return ConfigError(f"unknown setting {key!r}{hint}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a recipe: a flat mapping of flag names to values (yaml.safe_load: no arbitrary objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    out = {}
+    for key, raw in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name == "config":
+            raise ConfigError(f"--config {path}: recipes cannot include other recipes ('config' key)")
+        if name not in FIELDS:
+            raise _unknown(str(key))
+        out[name] = _parse_value(name, raw)
+    return out
+
+
+def build_parser(prog: str = "mpnet-dist train") -> argparse.ArgumentParser:
+    # argument_default=SUPPRESS: only flags actually typed appear in the namespace, so they alone override YAML.
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Pretrain MPNet (two-stream masked and permuted LM). Flags keep annotated-mpnet's names.",
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML recipe whose keys are flag names.")
+    for f in fields(TrainConfig):
+        names = [flag(f.name), *f.metadata["aliases"]]
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if f.type in ("bool",) or f.type is bool:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(*names, dest=f.name, metavar=f.name.upper(), help=help_text)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """CLI > YAML > defaults. Raises ConfigError on unknown keys or bad values."""
+    parser = build_parser()
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    values: dict[str, Any] = {}
+    if "config" in args:
+        values.update(load_yaml(args.pop("config")))
+    for name, raw in args.items():
+        values[name] = _parse_value(name, raw)
+    return TrainConfig(**values)
+
+
+def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

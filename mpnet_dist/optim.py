@@ -1,0 +1,53 @@
+"""Optimizer and learning-rate schedule, as the reference trainer: AdamW, linear warmup, polynomial decay."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (biases and norm weights are exempt).
+
+    Tied parameters appear once: named_parameters() de-duplicates by identity.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # fused AdamW only exists for CUDA tensors; foreach is the fast portable path.
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(
+        groups,
+        lr=lr_at(1, cfg.lr, cfg.resolved_warmup(), cfg.total_updates, cfg.end_learning_rate, cfg.power),
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.adam_eps,
+        fused=fused or None,
+    )
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, end: float = 0.0, power: float = 1.0) -> float:
+    """Learning rate used for optimizer step `step` (1-based), applied before that step.
+
+    Warmup: peak * step / warmup. Then (peak - end) * (1 - progress) ** power + end, with progress over the
+    remaining steps; the reference's indexing, so lr never starts at 0 and reaches `end` at the last step.
+    """
+    if warmup > 0 and step <= warmup:
+        return peak * step / warmup
+    if warmup > 0:
+        decay_step, decay_steps = step - warmup, total - warmup
+    else:
+        decay_step, decay_steps = step - 1, total - 1
+    if decay_steps <= 0 or decay_step >= decay_steps:
+        return end
+    return (peak - end) * (1.0 - decay_step / decay_steps) ** power + end
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
