@@ -287,12 +287,11 @@ def build_parser(prog: str = "mpnet-dist train") -> argparse.ArgumentParser:
         prog=prog,
         description="Pretrain MPNet (two-stream masked and permuted LM). Flags keep annotated-mpnet's names.",
         argument_default=argparse.SUPPRESS,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML recipe whose keys are flag names.")
     for f in fields(TrainConfig):
         names = [flag(f.name), *f.metadata["aliases"]]
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
         if f.type in ("bool",) or f.type is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
