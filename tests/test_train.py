@@ -1,0 +1,145 @@
+"""Training end to end in one process: resume, accumulation, checkpoints, NaN policy, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mpnet_dist import step as step_module
+from mpnet_dist.checkpoint import interval_checkpoints, latest_checkpoint
+from mpnet_dist.config import parse_config
+from mpnet_dist.metrics import read_metrics
+from mpnet_dist.train import main, run
+from tests.corpus import reset_accelerate, tiny_corpus  # noqa: F401  (fixture)
+
+
+def tiny_args(corpus, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--train-dir", str(corpus["train_dir"]), "--valid-file", str(corpus["valid"]),
+        "--test-file", str(corpus["test"]), "--tokenizer-name", str(corpus["tokenizer"]),
+        "--data-cache-dir", str(corpus["cache"]), "--checkpoint-dir", str(run_dir),
+        "--max-tokens", "32", "--encoder-layers", "2", "--encoder-embed-dim", "32", "--encoder-ffn-dim", "64",
+        "--encoder-attention-heads", "4", "--batch-size", "4", "--update-freq", "2", "--total-updates", "6",
+        "--warmup-updates", "2", "--lr", "0.003", "--logging-steps", "1", "--eval-interval-steps", "3",
+        "--dropout", "0.1", "--seed", "7", *extra,
+    ]  # fmt: skip
+
+
+def train(args: list[str]) -> int:
+    reset_accelerate()
+    return run(parse_config(args))
+
+
+def final_weights(run_dir: Path, name: str = "final") -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / name / "model.safetensors"))
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"}
+
+
+def test_resumed_run_is_bitwise_identical(tiny_corpus, tmp_path):
+    full = tmp_path / "full"
+    assert train(tiny_args(tiny_corpus, full, "--checkpoint-interval", "3")) == 0
+    resumed = tmp_path / "resumed"
+    args = tiny_args(tiny_corpus, resumed, "--resume-checkpoint", str(full / "step-00000003"))
+    assert train(args) == 0
+    full_losses, resumed_losses = train_losses(full), train_losses(resumed)
+    assert sorted(resumed_losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed_losses[step] == full_losses[step], step  # bitwise, dropout on
+    a, b = final_weights(full), final_weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_run_resumes_with_plain_resume(tiny_corpus, tmp_path):
+    """--resume picks the newest complete checkpoint and ignores half-written ones."""
+    run_dir = tmp_path / "run"
+    assert train(tiny_args(tiny_corpus, run_dir, "--checkpoint-interval", "2", "--total-updates", "4")) == 0
+    # simulate a crash while writing step 8: a folder without train_state.json, and a leftover temp folder
+    (run_dir / "step-00000008").mkdir()
+    (run_dir / ".tmp-step-00000010").mkdir()
+    latest = latest_checkpoint(run_dir)
+    assert latest.name in ("final", "step-00000004")
+    assert train(tiny_args(tiny_corpus, run_dir, "--resume", "--total-updates", "6")) == 0
+    state = json.loads((run_dir / "final" / "train_state.json").read_text())
+    assert state["step"] == 6
+    steps = [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # every step logged exactly once across the two runs
+
+
+def test_update_freq_matches_one_big_batch(tiny_corpus, tmp_path):
+    """update-freq 4 at batch 4 gives the weights of update-freq 1 at batch 16 (same 16 blocks)."""
+    common = ("--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0", "--total-updates", "1",
+              "--clip-grad-norm", "0", "--eval-interval-steps", "0")
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(tiny_args(tiny_corpus, a, *common, "--batch-size", "4", "--update-freq", "4"))
+    train(tiny_args(tiny_corpus, b, *common, "--batch-size", "16", "--update-freq", "1"))
+    wa, wb = final_weights(a), final_weights(b)
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst < 1e-6, worst
+    la, lb = train_losses(a)[1], train_losses(b)[1]
+    assert la == pytest.approx(lb, rel=1e-6)
+
+
+def test_checkpoint_retention_best_and_final(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_args(tiny_corpus, run_dir, "--checkpoint-interval", "2", "--keep-checkpoints", "1",
+                    "--eval-interval-steps", "2"))  # fmt: skip
+    assert [step for step, _ in interval_checkpoints(run_dir)] == [6]
+    for name in ("best", "final"):
+        state = json.loads((run_dir / name / "train_state.json").read_text())
+        assert state["world_size"] == 1 and state["model_config"]["encoder_layers"] == 2
+    valid = [r for r in read_metrics(run_dir) if r["split"] == "valid"]
+    best = json.loads((run_dir / "best" / "train_state.json").read_text())
+    assert best["best_valid_loss"] == pytest.approx(min(r["loss"] for r in valid))
+    assert [r["step"] for r in valid] == [2, 4, 6]
+    assert (run_dir / "config.yaml").is_file()
+    assert not list(run_dir.glob(".tmp-*")) and not list(run_dir.glob(".old-*"))
+
+
+def test_metrics_record_fields_and_validation_falls(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    tb = tmp_path / "tb"
+    train(tiny_args(tiny_corpus, run_dir, "--tensorboard-log-dir", str(tb), "--total-updates", "12",
+                    "--eval-interval-steps", "6", "--dropout", "0"))  # fmt: skip
+    records = read_metrics(run_dir)
+    train_rec = [r for r in records if r["split"] == "train"]
+    for key in ("step", "split", "loss", "acc", "lr", "grad_norm", "tokens", "pred_tokens", "tokens_per_s",
+                "elapsed_s"):
+        assert key in train_rec[-1], key
+    assert train_rec[-1]["tokens"] == 12 * 2 * 4 * 32  # steps x update-freq x batch x block, no padding
+    assert train_rec[-1]["pred_tokens"] == 12 * 2 * 4 * round(0.15 * 32)
+    assert [r["split"] for r in records if r["split"] != "train"] == ["valid", "valid", "test"]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert list(tb.rglob("events.out.tfevents.*"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    real_loss = step_module.prediction_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, targets):  # NaN from the 5th micro-batch on (step 3 with update-freq 2)
+        calls["n"] += 1
+        loss_sum, correct = real_loss(logits, targets)
+        return (loss_sum * math.nan if calls["n"] >= 5 else loss_sum), correct
+
+    monkeypatch.setattr(step_module, "prediction_loss", poisoned)
+    with pytest.raises(step_module.NonFiniteLossError, match="last good checkpoint"):
+        train(tiny_args(tiny_corpus, run_dir, "--checkpoint-interval", "2", "--eval-interval-steps", "0"))
+    assert [step for step, _ in interval_checkpoints(run_dir)] == [2]
+    assert not (run_dir / "final").exists()
+    weights = final_weights(run_dir, "step-00000002")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_bad_flag_exits_with_message(capsys):
+    assert main(["--batch-size", "zero"]) == 2
+    assert "--batch-size" in capsys.readouterr().err
