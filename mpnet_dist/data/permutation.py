@@ -7,9 +7,11 @@ only on its seed: the draw for (row seed, stream, position) is a splitmix64 outp
 the NumPy path is vectorised over the whole batch while the Cython path sorts row by row.
 
 Layout of one row's order (indices into the row, [L]):
-``[protected, not filler (ascending) | non-predicted words (L-p-...) | predicted (k) | fillers (ascending)]``
-where the last ``p`` slots are the predicted tail: ``k`` predicted tokens in query order, then the
-``p - k`` filler tokens (padding first, specials only in degenerate rows) that pad the tail.
+``[other protected (ascending) | non-predicted words, in word order | predicted (k) | fillers (ascending)]``
+The last ``p = k + fillers`` slots are the predicted tail: ``k`` predicted tokens in query order, then
+the filler tokens (the row's last pads; specials only in degenerate rows) that pad the tail. Order
+inside the non-predicted part does not matter to the model (it attends to it bidirectionally); only
+which tokens are predicted, and in which order, does.
 """
 
 from __future__ import annotations
