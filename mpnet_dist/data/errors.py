@@ -1,0 +1,5 @@
+"""The one exception the data pipeline raises for problems a user can fix."""
+
+
+class DataError(ValueError):
+    """Bad or missing input data, tokenizer or data state; the message says what to change."""

@@ -1,0 +1,169 @@
+"""build_data: the config's data flags -> this rank's training iterator and eval sets."""
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpnet_dist.data.cache import cache_root
+from mpnet_dist.data.errors import DataError
+from mpnet_dist.data.loader import TEST_TAG, VALID_TAG, EvalBatches, RankBatches, TrainBatches
+from mpnet_dist.data.packing import Blocks, build_block_cache, pack_documents
+from mpnet_dist.data.sources import check_file, list_train_files, open_stream, take_eval
+from mpnet_dist.data.stream import StreamBatches, StreamPlan, StreamReader
+from mpnet_dist.data.tokenizer import Encoder, fingerprint, special_ids, validate_tokenizer
+
+logger = logging.getLogger(__name__)
+
+BUILTIN = "builtin"
+DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
+
+
+@dataclass
+class Data:
+    train: TrainBatches | StreamBatches  # infinite; state_dict() / load_state_dict()
+    valid: EvalBatches | None
+    test: EvalBatches | None
+    spec: Any  # the MaskingSpec every batch was built with
+    vocab_size: int
+    source_info: str
+
+
+def masking_spec(cfg: Any, tokenizer: Any) -> Any:
+    from mpnet_dist.data.batch import MaskingSpec
+
+    return MaskingSpec(
+        mask_id=tokenizer.mask_token_id,
+        pad_id=tokenizer.pad_token_id,
+        special_ids=special_ids(tokenizer),
+        vocab_size=len(tokenizer),
+        pred_prob=cfg.pred_prob,
+        rand_prob=cfg.rand_prob,
+        keep_prob=cfg.keep_prob,
+        whole_word=cfg.whole_word_mask,
+    )
+
+
+def build_data(cfg: Any, tokenizer: Any, rank: int, world_size: int) -> Data:
+    """This rank's data. Local files (--train-dir, or --dataset-name builtin) go through a block
+    cache built once (every rank calls this; the first builds, the others wait); anything else
+    is streamed with HF datasets."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    validate_tokenizer(tokenizer, getattr(tokenizer, "name_or_path", "the tokenizer"))
+    if cfg.num_workers > 0:
+        # Workers fork after the parent may have used the Rust thread pool; tokenizers would warn
+        # and disable it in each worker anyway.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    spec = masking_spec(cfg, tokenizer)
+    if cfg.train_dir:
+        return _file_data(
+            cfg, tokenizer, spec, rank, world_size, cfg.train_dir, cfg.valid_file, cfg.test_file
+        )
+    if cfg.dataset_name == BUILTIN:
+        from mpnet_dist.data.corpus import materialize_builtin_corpus
+
+        corpus = materialize_builtin_corpus(cfg.data_cache_dir)
+        return _file_data(
+            cfg, tokenizer, spec, rank, world_size, corpus.train_dir, corpus.valid_file, corpus.test_file
+        )
+    return _stream_data(cfg, tokenizer, spec, rank, world_size)
+
+
+def _file_data(cfg, tokenizer, spec, rank, world_size, train_dir, valid_file, test_file) -> Data:
+    encoder, root = Encoder(tokenizer), cache_root(cfg.data_cache_dir)
+
+    def cache(files: list[Path]) -> Blocks:
+        args = (fingerprint(tokenizer), len(tokenizer), cfg.max_tokens, cfg.packing, cfg.text_field, root)
+        return build_block_cache(files, encoder, *args)
+
+    files = list_train_files(train_dir)
+    blocks = cache(files)
+    _check_train_size(blocks, cfg.batch_size, world_size, f"--train-dir {train_dir}")
+    evals = {}
+    for name, path, tag in (("valid", valid_file, VALID_TAG), ("test", test_file, TEST_TAG)):
+        if path:
+            eval_blocks = cache([check_file(path, f"--{name}-file")])
+            _check_eval_size(eval_blocks, world_size, f"--{name}-file {path}")
+            evals[name] = EvalBatches(eval_blocks, spec, cfg.seed, tag, rank, world_size, cfg.batch_size)
+    dataset = RankBatches(blocks, spec, cfg.seed, rank, world_size, cfg.batch_size)
+    train = TrainBatches(dataset, cfg.num_workers, data_id=blocks.path.name)
+    mode = "packed blocks" if cfg.packing else "one document per row"
+    info = (
+        f"{len(files)} file(s) in {train_dir}: {blocks.meta['n_docs']} documents, {blocks.n_tokens} tokens, "
+        f"{blocks.n_rows} rows of <= {cfg.max_tokens} tokens ({mode}); cache {blocks.path}"
+    )
+    return Data(train, evals.get("valid"), evals.get("test"), spec, len(tokenizer), info)
+
+
+def _check_train_size(blocks: Blocks, batch_size: int, world_size: int, what: str) -> None:
+    need_rows = batch_size * world_size
+    if blocks.packing and blocks.n_tokens < need_rows * blocks.max_tokens:
+        raise DataError(
+            f"{what}: {blocks.n_tokens} tokens, fewer than one global micro-batch needs: --batch-size "
+            f"{batch_size} x {world_size} process(es) x --max-tokens {blocks.max_tokens} = "
+            f"{need_rows * blocks.max_tokens} tokens. Add documents or lower --batch-size / --max-tokens."
+        )
+    if not blocks.packing and blocks.n_rows < need_rows:
+        raise DataError(
+            f"{what}: {blocks.n_rows} rows (documents split at --max-tokens {blocks.max_tokens}), fewer than one "
+            f"global micro-batch needs: --batch-size {batch_size} x {world_size} process(es) = {need_rows}. "
+            "Add documents or lower --batch-size."
+        )
+
+
+def _check_eval_size(blocks: Blocks, world_size: int, what: str) -> None:
+    if blocks.n_rows < world_size:
+        raise DataError(
+            f"{what}: {blocks.n_rows} rows of <= {blocks.max_tokens} tokens ({blocks.n_tokens} tokens), fewer "
+            f"than the {world_size} processes that each evaluate a share; give a larger evaluation file"
+        )
+
+
+def _stream_data(cfg, tokenizer, spec, rank, world_size) -> Data:
+    name = cfg.dataset_name or DEFAULT_DATASET
+    ds = open_stream(name, cfg.dataset_config, cfg.dataset_split, cfg.text_field)
+    valid_docs, test_docs, eval_end = take_eval(ds, cfg.eval_samples, cfg.text_field, cfg.min_text_length)
+    encoder = Encoder(tokenizer)
+    per_rank = max(1, cfg.num_workers)
+    plan = StreamPlan(
+        n_shards=ds.num_shards,
+        n_readers=world_size * per_rank,
+        eval_end=eval_end,
+        text_field=cfg.text_field,
+        min_chars=cfg.min_text_length,
+        buffer_size=max(1, cfg.buffer_size),
+        seed=cfg.seed,
+        max_tokens=cfg.max_tokens,
+        packing=cfg.packing,
+        batch_size=cfg.batch_size,
+    )
+    readers = [StreamReader(ds, plan, rank * per_rank + i, encoder, spec) for i in range(per_rank)]
+    train = StreamBatches(readers, cfg.num_workers, rank, world_size, source=_source_id(cfg, name))
+    evals = {}
+    for split, docs, tag in (("valid", valid_docs, VALID_TAG), ("test", test_docs, TEST_TAG)):
+        if docs:
+            blocks = pack_documents(docs, encoder, cfg.max_tokens, cfg.packing)
+            _check_eval_size(blocks, world_size, f"the stream's {split} split ({len(docs)} documents)")
+            evals[split] = EvalBatches(blocks, spec, cfg.seed, tag, rank, world_size, cfg.batch_size)
+    layout = (
+        "whole shards per reader"
+        if plan.by_shard
+        else "every reader reads all shards, keeps 1 in N documents"
+    )
+    if not plan.by_shard and plan.n_readers > 1:
+        logger.warning(
+            "%s has %d shard(s) for %d readers (processes x max(1, --num-workers)): %s",
+            name, plan.n_shards, plan.n_readers, layout,
+        )  # fmt: skip
+    info = (
+        f"stream {name} (config {cfg.dataset_config}, split {cfg.dataset_split}): {plan.n_shards} shard(s), "
+        f"{plan.n_readers} reader(s), {layout}; {len(valid_docs)} valid / {len(test_docs)} test documents "
+        f"taken before shuffling; shuffle chunks of {plan.buffer_size} documents"
+    )
+    return Data(train, evals.get("valid"), evals.get("test"), spec, len(tokenizer), info)
+
+
+def _source_id(cfg: Any, name: str) -> str:
+    return f"{name}|{cfg.dataset_config}|{cfg.dataset_split}|{cfg.text_field}|{cfg.min_text_length}|{cfg.eval_samples}"

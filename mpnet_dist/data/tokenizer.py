@@ -1,0 +1,199 @@
+"""Tokenizers: load and validate any HF fast tokenizer, train a WordPiece one, encode documents."""
+
+import argparse
+import hashlib
+import os
+from collections.abc import Iterable
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpnet_dist.data.cache import build_once, cache_root
+from mpnet_dist.data.errors import DataError
+from mpnet_dist.data.sources import list_train_files, read_documents
+
+BUILTIN = "builtin"
+BUILTIN_VOCAB_SIZE = 8192
+# MPNet's layout: HF MPNet derives position ids by comparing input_ids with 1, so <pad> must be 1.
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
+MASK = "<mask>"
+
+
+def _texts(files_or_texts: Iterable[str | os.PathLike], text_field: str) -> Iterable[str]:
+    items = list(files_or_texts) if isinstance(files_or_texts, list | tuple) else None
+    if items is not None and items and all(isinstance(x, os.PathLike) or Path(x).is_file() for x in items):
+        return chain.from_iterable(read_documents(p, text_field) for p in items)
+    return files_or_texts if items is None else items  # type: ignore[return-value]
+
+
+def train_tokenizer(
+    files_or_texts: Iterable[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    vocab_size: int = 30_527,
+    lowercase: bool = True,
+    text_field: str = "text",
+) -> Path:
+    """Train a WordPiece tokenizer (`##` continuation) with MPNet's special-token layout and save it.
+
+    <s>=0, <pad>=1, </s>=2, <unk>=3, <mask> last; single sequences become `<s> ... </s>`. The
+    folder loads offline with `AutoTokenizer.from_pretrained(output_dir)` (class MPNetTokenizer).
+    `files_or_texts`: a list of file paths (txt / JSON lines / gzip, as for --train-dir) or texts.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import MPNetTokenizer
+
+    backend = Tokenizer(models.WordPiece(unk_token="<unk>"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size - 1,
+        special_tokens=SPECIALS,
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    backend.train_from_iterator(_texts(files_or_texts, text_field), trainer)
+    vocab = backend.get_vocab()
+    if len(vocab) <= len(SPECIALS):
+        raise DataError("train_tokenizer: no text to train on (every document was empty)")
+    vocab[MASK] = len(vocab)
+    tokenizer = MPNetTokenizer(vocab=vocab, unk_token="<unk>", do_lower_case=lowercase)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def builtin_tokenizer_dir(data_cache_dir: str | None = None) -> Path:
+    """The tokenizer trained on the built-in corpus, trained once (seconds) and cached."""
+    from mpnet_dist.data.corpus import corpus_id, materialize_builtin_corpus
+
+    corpus = materialize_builtin_corpus(data_cache_dir)
+    target = cache_root(data_cache_dir) / "tokenizers" / f"builtin-{corpus_id()}-v{BUILTIN_VOCAB_SIZE}"
+    files = sorted(corpus.train_dir.iterdir())
+    return build_once(target, lambda tmp: train_tokenizer(files, tmp, vocab_size=BUILTIN_VOCAB_SIZE))
+
+
+def load_tokenizer(name_or_path: str, data_cache_dir: str | None = None) -> Any:
+    """Any HF fast tokenizer with mask and pad tokens; "builtin" is the cached built-in one."""
+    from transformers import AutoTokenizer
+
+    path = str(builtin_tokenizer_dir(data_cache_dir)) if name_or_path == BUILTIN else name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # OSError, HTTP errors, ValueError: all mean "cannot load that"
+        raise DataError(
+            f"--tokenizer-name {name_or_path!r} could not be loaded: {e}\n"
+            "Without network access use --tokenizer-name builtin (trained on the built-in corpus) "
+            "or a local folder saved with save_pretrained (`mpnet-dist tokenizer` makes one)."
+        ) from e
+    validate_tokenizer(tokenizer, name_or_path)
+    return tokenizer
+
+
+def validate_tokenizer(tokenizer: Any, name: str = "the tokenizer") -> None:
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise DataError(
+            f"tokenizer {name!r} is not a fast (Rust `tokenizers`) tokenizer; its word ids are needed for "
+            "whole-word masking. Use a folder with tokenizer.json, or convert it: "
+            "AutoTokenizer.from_pretrained(name, use_fast=True).save_pretrained(dir)"
+        )
+    for role in ("mask", "pad"):
+        if getattr(tokenizer, f"{role}_token_id", None) is None:
+            raise DataError(
+                f"tokenizer {name!r} has no {role} token; MPNet needs one. Add it and save a copy: "
+                f"tok.add_special_tokens({{'{role}_token': '<{role}>'}}); tok.save_pretrained(dir), then "
+                "--tokenizer-name dir (the model's vocabulary grows by one), or train one with `mpnet-dist tokenizer`."
+            )
+
+
+def check_vocab(tokenizer: Any, expected_vocab_size: int) -> None:
+    """Refuse a tokenizer whose size differs from the one a checkpoint was trained with."""
+    if len(tokenizer) != expected_vocab_size:
+        name = getattr(tokenizer, "name_or_path", "the tokenizer")
+        raise DataError(
+            f"tokenizer {name!r} has {len(tokenizer)} tokens but the checkpoint was trained with a "
+            f"{expected_vocab_size}-token tokenizer; pass the --tokenizer-name the checkpoint was trained with"
+        )
+
+
+def special_ids(tokenizer: Any) -> tuple[int, ...]:
+    return tuple(sorted(set(tokenizer.all_special_ids)))
+
+
+def fingerprint(tokenizer: Any) -> str:
+    """Identifies the tokenizer's behaviour (for cache keys and data state)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+class Encoder:
+    """Documents -> flat token ids and word-start flags, each document as `<s> ... </s>`.
+
+    Uses the Rust backend directly: no truncation (long documents are split by packing, never
+    cut), no length warnings. If the tokenizer adds no special tokens of its own, the separator
+    (eos/sep) is appended so documents stay apart in packed blocks.
+    """
+
+    def __init__(self, tokenizer: Any):
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        probe = self.backend.encode("a", add_special_tokens=True)
+        sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        self.separator = None if any(probe.special_tokens_mask) else sep
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> ids [T] int64, word_starts [T] bool, lengths [len(texts)] int64 (sum T)."""
+        encodings = self.backend.encode_batch(texts, add_special_tokens=True)
+        id_lists = [e.ids for e in encodings]
+        word_lists = [e.word_ids for e in encodings]
+        if self.separator is not None:
+            for ids, words in zip(id_lists, word_lists, strict=True):
+                ids.append(self.separator)
+                words.append(None)
+        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+        total = int(lengths.sum())
+        ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int64, count=total)
+        # None (special token) -> nan; a word starts where the word id changes or is special.
+        words = np.array(list(chain.from_iterable(word_lists)), dtype=np.float64)
+        starts = np.ones(total, dtype=bool)
+        starts[1:] = np.isnan(words[1:]) | (words[1:] != words[:-1])
+        doc_starts = np.cumsum(lengths) - lengths
+        starts[doc_starts[lengths > 0]] = True
+        return ids, starts, lengths
+
+
+def tokenizer_main(argv: list[str] | None = None) -> int:
+    """`mpnet-dist tokenizer`: train a WordPiece tokenizer with MPNet's special layout."""
+    parser = argparse.ArgumentParser(
+        prog="mpnet-dist tokenizer",
+        description="Train a WordPiece tokenizer (MPNet special layout) on local text files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--train-dir", help="every file in this folder (txt, JSON lines, .gz)")
+    src.add_argument("--files", nargs="+", help="these files")
+    src.add_argument("--builtin", action="store_true", help="the built-in corpus (stdlib docstrings)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--vocab-size", type=int, default=30_527)
+    parser.add_argument("--text-field", default="text", help="field of JSON-lines files that holds the text")
+    parser.add_argument(
+        "--no-lowercase", action="store_true", help="keep case (default: lowercase, as MPNet)"
+    )
+    parser.add_argument("--data-cache-dir", default=None)
+    args = parser.parse_args(argv)
+    if args.builtin:
+        from mpnet_dist.data.corpus import materialize_builtin_corpus
+
+        files = list_train_files(materialize_builtin_corpus(args.data_cache_dir).train_dir)
+    else:
+        files = list_train_files(args.train_dir) if args.train_dir else [Path(f) for f in args.files]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise DataError(f"--files: no such file: {', '.join(missing)}")
+    out = train_tokenizer(files, args.output_dir, args.vocab_size, not args.no_lowercase, args.text_field)
+    print(f"tokenizer saved to {out}")
+    return 0
