@@ -35,12 +35,12 @@ def build_accelerator(cfg, timeout_s: int | None = None) -> Accelerator:
     timeout = timedelta(seconds=timeout_s or int(os.environ.get("MPNET_DIST_TIMEOUT_S", "1800")))
     kwargs: dict = {"gradient_accumulation_steps": cfg.update_freq}
     handlers = [InitProcessGroupKwargs(timeout=timeout)]
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it guessed CPU
     if not torch.cuda.is_available() and launched_distributed():
         handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
-        if uses_deepspeed():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        else:
-            kwargs["cpu"] = True
+        if not uses_deepspeed():
+            kwargs["cpu"] = True  # DeepSpeed must not get cpu=True: Accelerate would silently drop it
     precision = cfg.mixed_precision or default_mixed_precision()
     if uses_deepspeed():
         # Accelerate builds the DeepSpeed plugin from these variables (set by `accelerate launch` from the
