@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mpnet_dist.model import MPNetConfig, MPNetForPretraining
-from mpnet_dist.model.attention import two_stream_mask
+from mpnet_dist.model.attention import SDPAKernel, two_stream_mask
 
 PAD = 1
 TOKENIZER_VOCAB = 100  # ids drawn below this; the model's vocab is padded to 128
@@ -280,16 +280,31 @@ def test_sdpa_matches_eager():
     padding_mask[2, :3] = True
     encode_ids = input_ids[:, :14].clone()
     encode_ids[1, 10:] = PAD
-    outputs = {}
+    results = {}
     for impl in ("sdpa", "eager"):
         model.config.attn_impl = impl
-        outputs[impl] = (
+        model.zero_grad()
+        outputs = (
             model(input_ids, positions, 4),
             model(input_ids, positions, 4, padding_mask),
             model.mlm_logits(encode_ids, (encode_ids != PAD).long()),
         )
-    for sdpa, eager in zip(outputs["sdpa"], outputs["eager"], strict=True):
+        sum(out.square().mean() for out in outputs).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results[impl] = [out.detach() for out in outputs] + grads
+    assert model.sentence_encoder.relative_attention_bias.weight.grad.abs().sum() > 0
+    for sdpa, eager in zip(results["sdpa"], results["eager"], strict=True):
         torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=0)
+
+
+def test_sdpa_mask_rows_are_aligned():
+    # SDPA's memory-efficient CUDA kernel re-pads (copies) an unaligned mask on every layer.
+    table = torch.nn.Embedding(32, 4)
+    buckets = torch.randint(0, 32, (2, 13, 9))
+    mask = SDPAKernel().prepare(table, buckets, torch.zeros(1, 13, 9, dtype=torch.bool))
+    assert mask.shape == (2, 4, 13, 9)
+    assert mask.stride(-1) == 1 and all(stride % 16 == 0 for stride in mask.stride()[:-1])
+    torch.testing.assert_close(mask, table(buckets).permute(0, 3, 1, 2), atol=0, rtol=0)
 
 
 def _grads_after_step(model: MPNetForPretraining, input_ids, positions, p) -> dict[str, torch.Tensor]:

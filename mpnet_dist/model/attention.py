@@ -96,20 +96,30 @@ class AttentionKernel(Protocol):
         """Once per layer: q [B, nh, T, d], k/v [B, nh, S, d] -> [B, nh, T, d]."""
 
 
-def build_float_mask(table: nn.Embedding, buckets: Tensor, blocked: Tensor | None) -> Tensor:
-    """Relative bias with -inf where blocked: [B|1, nh, T, S], in the dtype attention will run in."""
-    bias = table(buckets).permute(0, 3, 1, 2)  # [B|1, nh, T, S]
+def build_float_mask(
+    table: nn.Embedding, buckets: Tensor, blocked: Tensor | None, row_multiple: int = 1
+) -> Tensor:
+    """Relative bias with -inf where blocked: [B|1, nh, T, S], in the dtype attention will run in.
+
+    The result is contiguous except that rows may start at multiples of `row_multiple` elements:
+    SDPA's memory-efficient CUDA kernel copies an unaligned mask on every call, i.e. every layer.
+    """
+    # Call the module, not F.embedding on its weight, so ZeRO-3 gathers the table and hooks see it.
+    bias = table(buckets).permute(0, 3, 1, 2)  # [B|1, nh, T, S], strided as [B|1, T, S, nh]
     if blocked is not None:
         bias = bias.masked_fill(blocked[:, None], float("-inf"))
     device = bias.device.type
-    if torch.is_autocast_enabled(device):
-        bias = bias.to(torch.get_autocast_dtype(device))
-    return bias.contiguous()
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else bias.dtype
+    *lead, size = bias.shape
+    buffer = bias.new_empty(*lead, size + (-size % row_multiple), dtype=dtype)
+    mask = buffer[..., :size]
+    mask.copy_(bias)  # one pass: head-major layout, dtype cast and alignment together
+    return mask
 
 
 class SDPAKernel:
     def prepare(self, table: nn.Embedding, buckets: Tensor, blocked: Tensor | None) -> Tensor:
-        return build_float_mask(table, buckets, blocked)
+        return build_float_mask(table, buckets, blocked, row_multiple=16)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Tensor, dropout_p: float) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=prepared.to(q.dtype), dropout_p=dropout_p)
