@@ -182,10 +182,8 @@ class TrainConfig:
             problems.append(
                 f"{flag('max_positions')} ({self.max_positions}) must be >= {flag('max_tokens')} ({self.max_tokens})"
             )
-        if self.warmup_updates is not None and not 0 <= self.warmup_updates <= self.total_updates:
-            problems.append(
-                f"{flag('warmup_updates')} must be in [0, {flag('total_updates')}] (got {self.warmup_updates})"
-            )
+        if self.warmup_updates is not None and self.warmup_updates < 0:
+            problems.append(f"{flag('warmup_updates')} must be >= 0 (got {self.warmup_updates})")
         for name in ("eval_samples", "num_workers", "min_text_length", "max_nonfinite_skips"):
             if getattr(self, name) < 0:
                 problems.append(f"{flag(name)} must be >= 0 (got {getattr(self, name)})")
