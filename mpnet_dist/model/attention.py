@@ -66,8 +66,9 @@ def build_two_stream_mask(seq_len: int, pred_size: int, device: torch.device) ->
 def block_padding(query_pad: Tensor, key_pad: Tensor, blocked: Tensor | None = None) -> Tensor:
     """Block padded keys for real queries: [B, T, S].
 
-    Padded queries may see padded keys, so no row is fully blocked (an all -inf row is NaN in
-    softmax, and NaN would reach the weights through backward even when the row's loss is ignored).
+    Padded queries may see padded keys: every row is structurally allowed its own slot (a query row
+    its mask copy), so no row ends up fully blocked. An all -inf row is NaN in softmax, and the NaN
+    would reach the weights through backward even when that row's loss is ignored.
     """
     pad_pairs = key_pad[:, None, :] & ~query_pad[:, :, None]  # [B, T, S]
     return pad_pairs if blocked is None else pad_pairs | blocked

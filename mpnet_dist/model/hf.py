@@ -177,6 +177,7 @@ def from_hf(
     if isinstance(hf, transformers.MPNetModel):
         warnings.warn("from_hf: MPNetModel has no LM head; the head is freshly initialized", stacklevel=2)
         state_dict = {"mpnet." + k: v for k, v in state_dict.items()}
+        # Our head's own (fresh) tensors; their names are the HF names from_hf_state_dict reads.
         state_dict.update({k: v for k, v in model.state_dict().items() if k.startswith("lm_head.")})
     elif not hasattr(hf, "lm_head"):
         raise TypeError(f"from_hf: expected MPNetForMaskedLM or MPNetModel, got {type(hf).__name__}")
