@@ -20,6 +20,7 @@ from mpnet_dist.data.cache import build_once, cache_root
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
 _MIN_CHARS = 40  # shorter docstrings are mostly "Return x." one-liners
 _EVAL_EVERY = 40  # document i goes to valid if i % 40 == 0, to test if i % 40 == 1: 2.5% each
+_VERSION = 2  # part of the cache name: bump when the corpus rules change
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
@@ -43,7 +44,8 @@ def _source_files(root: Path) -> Iterator[Path]:
 
 
 def iter_docstrings(root: Path | None = None) -> Iterator[str]:
-    """Module, class and function docstrings, whitespace collapsed to one line each."""
+    """Module, class and function docstrings, whitespace collapsed to one line each, each text once."""
+    seen: set[str] = set()  # repeated docstrings would otherwise land in both train and eval
     for path in _source_files(root or stdlib_root()):
         try:
             with warnings.catch_warnings():
@@ -54,13 +56,14 @@ def iter_docstrings(root: Path | None = None) -> Iterator[str]:
         for node in ast.walk(tree):
             if isinstance(node, _DOC_NODES) and (doc := ast.get_docstring(node)):
                 text = " ".join(doc.split())
-                if len(text) >= _MIN_CHARS:
+                if len(text) >= _MIN_CHARS and text not in seen:
+                    seen.add(text)
                     yield text
 
 
 def corpus_id() -> str:
     """Names the corpus of this Python installation (its version and stdlib location)."""
-    ident = f"{sys.version}|{stdlib_root()}".encode()
+    ident = f"{_VERSION}|{sys.version}|{stdlib_root()}".encode()
     return f"py{sys.version_info.major}{sys.version_info.minor}-{hashlib.sha256(ident).hexdigest()[:12]}"
 
 

@@ -13,9 +13,11 @@ import numpy as np
 from mpnet_dist.data.cache import build_once, cache_root
 from mpnet_dist.data.errors import DataError
 from mpnet_dist.data.sources import list_train_files, read_documents
+from mpnet_dist.data.wordpiece import count_words, learn_vocab
 
 BUILTIN = "builtin"
 BUILTIN_VOCAB_SIZE = 8192
+TRAINER_VERSION = 1  # part of the builtin cache name: bump when training changes
 # MPNet's layout: HF MPNet derives position ids by comparing input_ids with 1, so <pad> must be 1.
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 MASK = "<mask>"
@@ -39,24 +41,19 @@ def train_tokenizer(
 
     <s>=0, <pad>=1, </s>=2, <unk>=3, <mask> last; single sequences become `<s> ... </s>`. The
     folder loads offline with `AutoTokenizer.from_pretrained(output_dir)` (class MPNetTokenizer).
+    Deterministic: the same text gives the same ids on every machine (see wordpiece.py); it counts
+    words in Python at about 1 MB/s, so train on a sample of a very large corpus.
     `files_or_texts`: a list of file paths (txt / JSON lines / gzip, as for --train-dir) or texts.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import normalizers, pre_tokenizers
     from transformers import MPNetTokenizer
 
-    backend = Tokenizer(models.WordPiece(unk_token="<unk>"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size - 1,
-        special_tokens=SPECIALS,
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
-    backend.train_from_iterator(_texts(files_or_texts, text_field), trainer)
-    vocab = backend.get_vocab()
-    if len(vocab) <= len(SPECIALS):
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    counts = count_words(_texts(files_or_texts, text_field), normalizer, pre_tokenizers.BertPreTokenizer())
+    pieces = learn_vocab(counts, vocab_size - 1, SPECIALS)
+    if len(pieces) <= len(SPECIALS):
         raise DataError("train_tokenizer: no text to train on (every document was empty)")
+    vocab = {piece: i for i, piece in enumerate(pieces)}
     vocab[MASK] = len(vocab)
     tokenizer = MPNetTokenizer(vocab=vocab, unk_token="<unk>", do_lower_case=lowercase)
     out = Path(output_dir)
@@ -70,7 +67,11 @@ def builtin_tokenizer_dir(data_cache_dir: str | None = None) -> Path:
     from mpnet_dist.data.corpus import corpus_id, materialize_builtin_corpus
 
     corpus = materialize_builtin_corpus(data_cache_dir)
-    target = cache_root(data_cache_dir) / "tokenizers" / f"builtin-{corpus_id()}-v{BUILTIN_VOCAB_SIZE}"
+    target = (
+        cache_root(data_cache_dir)
+        / "tokenizers"
+        / f"builtin-{corpus_id()}-v{BUILTIN_VOCAB_SIZE}-wp{TRAINER_VERSION}"
+    )
     files = sorted(corpus.train_dir.iterdir())
     return build_once(target, lambda tmp: train_tokenizer(files, tmp, vocab_size=BUILTIN_VOCAB_SIZE))
 
