@@ -1,21 +1,31 @@
 """The one place that decides how Accelerate runs: DDP or DeepSpeed, on GPUs or on a CPU-only host.
 
-Traps this avoids (see DESIGN.md, "Distributed execution"):
+`accelerate launch --config_file X -m mpnet_dist.train` behaves the same on a laptop and on a GPU node,
+without an environment variable to remember. Traps this avoids (DESIGN.md, "Distributed execution"):
 - a multi-process launch on a host without CUDA needs `cpu=True` for DDP, or every rank silently trains alone;
 - DeepSpeed on such a host needs a gloo process group and must NOT get `cpu=True` (which silently disables it);
-- `--update-freq` and `--clip-grad-norm` own accumulation and clipping: the DeepSpeed config is made to agree.
+- Accelerate runs FSDP only on GPUs and would silently fall back to DDP on CPU: refused here instead;
+- `--update-freq`, `--clip-grad-norm` and `--batch-size` own accumulation, clipping and the micro-batch: the
+  DeepSpeed config is made to agree;
+- the launch config's `mixed_precision` (set by `accelerate launch`) is honoured unless --mixed-precision says
+  otherwise, instead of being silently replaced by our default.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 _LAUNCH_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+# JSON merged into the DeepSpeed config before prepare(), for knobs the Accelerate YAML cannot express
+# (e.g. {"zero_optimization": {"stage3_param_persistence_threshold": 0}}) without writing a full JSON config.
+DS_OVERRIDES_ENV = "MPNET_DIST_DEEPSPEED_OVERRIDES"
 
 
 def launched_distributed() -> bool:
@@ -26,35 +36,67 @@ def uses_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def uses_fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def default_mixed_precision() -> str:
     return "bf16" if torch.cuda.is_available() else "no"
 
 
-def build_accelerator(cfg, timeout_s: int | None = None) -> Accelerator:
-    """Accelerator for this launch. `cfg` supplies update_freq, clip_grad_norm and mixed_precision."""
+def resolve_mixed_precision(flag: str | None) -> str:
+    """--mixed-precision > the launch config's bf16/fp16 (exported by `accelerate launch`) > bf16 on CUDA, else no.
+
+    The launcher always exports ACCELERATE_MIXED_PRECISION, "no" when the config says nothing, so "no" from the
+    launcher cannot be told apart from "unset" and does not override the CUDA default.
+    """
+    if flag:
+        return flag
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    return launcher if launcher in ("bf16", "fp16") else default_mixed_precision()
+
+
+def build_accelerator(cfg: Any, timeout_s: int | None = None) -> Accelerator:
+    """Accelerator for this launch. `cfg` supplies update_freq, clip_grad_norm, batch_size and mixed_precision."""
     timeout = timedelta(seconds=timeout_s or int(os.environ.get("MPNET_DIST_TIMEOUT_S", "1800")))
-    kwargs: dict = {"gradient_accumulation_steps": cfg.update_freq}
+    kwargs: dict[str, Any] = {"gradient_accumulation_steps": cfg.update_freq}
     handlers = [InitProcessGroupKwargs(timeout=timeout)]
-    if not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it guessed CPU
-    if not torch.cuda.is_available() and launched_distributed():
+        if uses_fsdp():
+            raise RuntimeError(
+                "this launch config uses FSDP, which Accelerate runs only on GPUs (on this CUDA-less host it would "
+                "silently fall back to plain DDP). To try parameter sharding on CPU use "
+                "launch_configs/accelerate/deepspeed_zero3.yaml; keep fsdp_8gpu.yaml for GPU nodes."
+            )
+    if not cuda and launched_distributed():
         handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
         if not uses_deepspeed():
             kwargs["cpu"] = True  # DeepSpeed must not get cpu=True: Accelerate would silently drop it
-    precision = cfg.mixed_precision or default_mixed_precision()
     if uses_deepspeed():
         # Accelerate builds the DeepSpeed plugin from these variables (set by `accelerate launch` from the
         # YAML); ours win so the YAML cannot silently disagree with the training flags.
         os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(cfg.update_freq)
         os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(cfg.clip_grad_norm)
+    precision = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=handlers, **kwargs)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _align_deepspeed_config(accelerator, cfg)
     return accelerator
 
 
-def _align_deepspeed_config(accelerator: Accelerator, cfg) -> None:
+def _align_deepspeed_config(accelerator: Accelerator, cfg: Any) -> None:
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    overrides = os.environ.get(DS_OVERRIDES_ENV)
+    if overrides:
+        try:
+            _deep_merge(ds, json.loads(overrides))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(
+                f"{DS_OVERRIDES_ENV} must be a JSON object such as "
+                f'\'{{"zero_optimization": {{"stage3_param_persistence_threshold": 0}}}}\': {err}'
+            ) from err
     ds["gradient_accumulation_steps"] = cfg.update_freq
     ds["gradient_clipping"] = cfg.clip_grad_norm
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
@@ -66,6 +108,16 @@ def _align_deepspeed_config(accelerator: Accelerator, cfg) -> None:
                 f"the DeepSpeed config defines an '{key}': remove it; mpnet-dist builds AdamW and the "
                 "learning-rate schedule from its own flags (--lr, --warmup-updates, ...)."
             )
+
+
+def _deep_merge(base: dict, extra: dict) -> None:
+    if not isinstance(extra, dict):
+        raise TypeError(f"expected a JSON object, got {type(extra).__name__}")
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
 
 
 def zero_stage(accelerator: Accelerator) -> int:
