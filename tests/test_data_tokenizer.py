@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -99,3 +100,31 @@ def test_byte_level_bpe_word_starts_and_separator(with_post_processor):
     # Documents end with </s>: from the post-processor, or appended when the tokenizer adds nothing.
     ends = np.cumsum(lengths) - 1
     assert (ids[ends] == tok.eos_token_id).all()
+
+
+def test_build_data_reads_special_ids_from_any_tokenizer(tmp_path):
+    """A byte-level BPE tokenizer whose <pad> is 0 and <mask> 3: nothing assumes MPNet's ids."""
+    from mpnet_dist.data import build_data
+    from tests.conftest import make_cfg
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    specials = ["<pad>", "<s>", "</s>", "<mask>"]
+    backend.train_from_iterator(
+        [doc_text(i) for i in range(100)],
+        trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", mask_token="<mask>"
+    )
+    write_docs(tmp_path / "train" / "a.txt", list(range(40)))
+    cfg = make_cfg(
+        train_dir=str(tmp_path / "train"), packing=False, max_tokens=64, data_cache_dir=str(tmp_path / "c")
+    )
+    data = build_data(cfg, tok, 0, 1)
+    assert (data.spec.pad_id, data.spec.mask_id) == (0, 3) and set(data.spec.special_ids) == {0, 1, 2, 3}
+    batch = next(data.train)
+    assert "padding_mask" in batch  # documents differ in length: padded with id 0
+    width = batch["input_ids"].shape[1] - 2 * batch["targets"].shape[1]
+    assert torch.equal(batch["padding_mask"][:, :width], batch["input_ids"][:, :width] == 0)
+    assert not set(batch["targets"].unique().tolist()) & {0, 1, 2, 3}

@@ -52,23 +52,24 @@ def build_data(cfg: Any, tokenizer: Any, rank: int, world_size: int) -> Data:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     validate_tokenizer(tokenizer, getattr(tokenizer, "name_or_path", "the tokenizer"))
-    if cfg.num_workers > 0:
-        # Workers fork after the parent may have used the Rust thread pool; tokenizers would warn
-        # and disable it in each worker anyway.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     spec = masking_spec(cfg, tokenizer)
     if cfg.train_dir:
-        return _file_data(
+        data = _file_data(
             cfg, tokenizer, spec, rank, world_size, cfg.train_dir, cfg.valid_file, cfg.test_file
         )
-    if cfg.dataset_name == BUILTIN:
+    elif cfg.dataset_name == BUILTIN:
         from mpnet_dist.data.corpus import materialize_builtin_corpus
 
         corpus = materialize_builtin_corpus(cfg.data_cache_dir)
-        return _file_data(
-            cfg, tokenizer, spec, rank, world_size, corpus.train_dir, corpus.valid_file, corpus.test_file
-        )
-    return _stream_data(cfg, tokenizer, spec, rank, world_size)
+        files = (corpus.train_dir, corpus.valid_file, corpus.test_file)
+        data = _file_data(cfg, tokenizer, spec, rank, world_size, *files)
+    else:
+        data = _stream_data(cfg, tokenizer, spec, rank, world_size)
+    if cfg.num_workers > 0:
+        # The cache was built with the Rust thread pool; forked workers must not use it (tokenizers
+        # would disable it and warn in every worker). Set only now, so the build stays parallel.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return data
 
 
 def _file_data(cfg, tokenizer, spec, rank, world_size, train_dir, valid_file, test_file) -> Data:
@@ -85,7 +86,7 @@ def _file_data(cfg, tokenizer, spec, rank, world_size, train_dir, valid_file, te
     for name, path, tag in (("valid", valid_file, VALID_TAG), ("test", test_file, TEST_TAG)):
         if path:
             eval_blocks = cache([check_file(path, f"--{name}-file")])
-            _check_eval_size(eval_blocks, world_size, f"--{name}-file {path}")
+            _check_eval_size(eval_blocks, world_size, f"--{name}-file {path}", "give a larger file")
             evals[name] = EvalBatches(eval_blocks, spec, cfg.seed, tag, rank, world_size, cfg.batch_size)
     dataset = RankBatches(blocks, spec, cfg.seed, rank, world_size, cfg.batch_size)
     train = TrainBatches(dataset, cfg.num_workers, data_id=blocks.path.name)
@@ -113,11 +114,11 @@ def _check_train_size(blocks: Blocks, batch_size: int, world_size: int, what: st
         )
 
 
-def _check_eval_size(blocks: Blocks, world_size: int, what: str) -> None:
+def _check_eval_size(blocks: Blocks, world_size: int, what: str, fix: str) -> None:
     if blocks.n_rows < world_size:
         raise DataError(
             f"{what}: {blocks.n_rows} rows of <= {blocks.max_tokens} tokens ({blocks.n_tokens} tokens), fewer "
-            f"than the {world_size} processes that each evaluate a share; give a larger evaluation file"
+            f"than the {world_size} processes that each evaluate a share; {fix}"
         )
 
 
@@ -145,7 +146,12 @@ def _stream_data(cfg, tokenizer, spec, rank, world_size) -> Data:
     for split, docs, tag in (("valid", valid_docs, VALID_TAG), ("test", test_docs, TEST_TAG)):
         if docs:
             blocks = pack_documents(docs, encoder, cfg.max_tokens, cfg.packing)
-            _check_eval_size(blocks, world_size, f"the stream's {split} split ({len(docs)} documents)")
+            _check_eval_size(
+                blocks,
+                world_size,
+                f"the stream's {split} split ({len(docs)} documents)",
+                "raise --eval-samples",
+            )
             evals[split] = EvalBatches(blocks, spec, cfg.seed, tag, rank, world_size, cfg.batch_size)
     layout = (
         "whole shards per reader"
