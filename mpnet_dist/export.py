@@ -26,6 +26,7 @@ from mpnet_dist.consolidate import (
     gather_state_dict,
     load_checkpoint_model,
     load_complete_state_dict,
+    load_reference_checkpoint,
     resolve_checkpoint,
 )
 from mpnet_dist.export_check import ExportVerificationError, verify_export
@@ -155,14 +156,22 @@ def export_checkpoint(
     trust: bool = False,
     tokenizer_name: str | None = None,
 ) -> ExportReport:
-    """Offline export of a checkpoint folder, or of a run directory's final/newest checkpoint (CPU only)."""
-    path = resolve_checkpoint(Path(checkpoint))
-    train_state = read_train_state(path)
+    """Offline export (CPU only) of a checkpoint folder, a run directory (its final or newest checkpoint),
+    or a `.pt` file written by the reference trainer, annotated-mpnet."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_file():
+        model, train_state = load_reference_checkpoint(checkpoint, trust=trust)
+        path = checkpoint
+    else:
+        path = resolve_checkpoint(checkpoint)
+        train_state = read_train_state(path)
     logger.info("exporting %s (step %s)", path, train_state.get("step"))
-    check_exportable(MPNetConfig.from_dict(train_state["model_config"]))  # refuse before reading weights
+    config = MPNetConfig.from_dict(train_state["model_config"])
+    check_exportable(config)  # refuse before reading the weights
     tokenizer = load_run_tokenizer(train_state, tokenizer_name) if save_tokenizer else None
-    special_token_ids(tokenizer, MPNetConfig.from_dict(train_state["model_config"]))  # agreement, early
-    model, _ = load_checkpoint_model(path, trust=trust)
+    special_token_ids(tokenizer, config)  # tokenizer/model agreement, also before reading the weights
+    if not checkpoint.is_file():
+        model, _ = load_checkpoint_model(path, trust=trust)
     return export_model(
         model, out_dir, tokenizer, dtype=dtype, save_tokenizer=save_tokenizer, source=str(path),
         step=train_state.get("step"),
@@ -246,7 +255,9 @@ def _parser() -> argparse.ArgumentParser:
         "from an mpnet-dist checkpoint of any kind (single process, DDP, DeepSpeed ZeRO-1/2/3). CPU only.",
     )
     parser.add_argument(
-        "checkpoint", type=Path, help="checkpoint folder (step-N, best, final) or run directory"
+        "checkpoint",
+        type=Path,
+        help="checkpoint folder (step-N, best, final), run directory or annotated-mpnet .pt",
     )
     parser.add_argument(
         "out_dir", type=Path, help="output folder (new, empty, or an earlier export to replace)"
@@ -283,7 +294,10 @@ def convert_to_hf_main(argv: list[str] | None = None) -> int:
         prog="convert-to-hf", description="Convert a checkpoint to an HF MPNet folder."
     )
     parser.add_argument(
-        "--mpnet-checkpoint-path", type=Path, required=True, help="checkpoint folder or run dir"
+        "--mpnet-checkpoint-path",
+        type=Path,
+        required=True,
+        help="checkpoint folder, run directory, or an annotated-mpnet .pt file",
     )
     parser.add_argument("--hf-model-folder-path", type=Path, required=True, help="output folder")
     parser.add_argument("--no-save-tokenizer", action="store_true", help="write the model only")

@@ -65,14 +65,14 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
 
 
-def assert_loads_and_matches(folder: Path, checkpoint: Path) -> float:
+def assert_loads_and_matches(folder: Path, checkpoint: Path | MPNetForPretraining) -> float:
     """Independent of the exporter's own check: reload offline, no key problems, tied, same logits."""
     hf, info = transformers.AutoModelForMaskedLM.from_pretrained(
         str(folder), dtype=torch.float32, output_loading_info=True, local_files_only=True
     )
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert hf.lm_head.decoder.weight.data_ptr() == hf.mpnet.embeddings.word_embeddings.weight.data_ptr()
-    ours, _ = load_checkpoint_model(checkpoint)
+    ours = checkpoint if isinstance(checkpoint, MPNetForPretraining) else load_checkpoint_model(checkpoint)[0]
     ids, mask = check_batch(ours.config, None)
     with torch.no_grad():
         diff = (ours.mlm_logits(ids, mask) - hf.eval()(input_ids=ids, attention_mask=mask).logits).abs()
@@ -283,3 +283,29 @@ def test_clear_errors_for_bad_inputs(tiny_corpus, tmp_path, capsys):
     assert "could not be loaded" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export(checkpoint, tmp_path / "c", "--dtype", "float16")
+
+
+def test_convert_to_hf_reads_reference_pt_files(tiny_corpus, tmp_path, capsys):
+    """annotated-mpnet's `{"args", "model_states"}` .pt (same parameter names, maybe `_orig_mod.`-prefixed)."""
+    torch.manual_seed(2)
+    model = MPNetForPretraining(MPNetConfig(**TINY)).eval()
+    args = {"encoder_layers": 2, "encoder_embed_dim": 32, "encoder_ffn_dim": 64, "encoder_attention_heads": 4,
+            "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1, "activation_fn": "gelu",
+            "max_positions": None, "max_tokens": 32, "relative_attention_num_buckets": None,
+            "relative_attention_max_distance": None, "normalize_before": False,
+            "tokenizer_name": str(tiny_corpus["tokenizer"])}  # fmt: skip
+    states = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    torch.save({"args": args, "model_states": states, "steps": 100, "rng_state": {"torch": torch.get_rng_state()}},
+               tmp_path / "best_checkpoint.pt")  # fmt: skip
+    cli = ["--mpnet-checkpoint-path", str(tmp_path / "best_checkpoint.pt"), "--hf-model-folder-path"]
+    assert convert_to_hf_main([*cli, str(tmp_path / "out")]) == 0
+    assert_loads_and_matches(tmp_path / "out", model)
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+    capsys.readouterr()
+    torch.save(
+        {"args": {**args, "activation_fn": "gelu_accurate"}, "model_states": states}, tmp_path / "gelu.pt"
+    )
+    cli[1] = str(tmp_path / "gelu.pt")
+    assert convert_to_hf_main([*cli, str(tmp_path / "out2")]) == 1
+    assert "activation_fn='gelu_accurate'" in capsys.readouterr().err and not (tmp_path / "out2").exists()
