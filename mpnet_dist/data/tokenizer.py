@@ -3,6 +3,7 @@
 import argparse
 import hashlib
 import os
+import sys
 from collections.abc import Iterable
 from itertools import chain
 from pathlib import Path
@@ -186,15 +187,24 @@ def tokenizer_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data-cache-dir", default=None)
     args = parser.parse_args(argv)
+    try:
+        out = train_tokenizer(
+            _cli_files(args), args.output_dir, args.vocab_size, not args.no_lowercase, args.text_field
+        )
+    except DataError as e:
+        print(f"mpnet-dist tokenizer: {e}", file=sys.stderr)
+        return 2
+    print(f"tokenizer saved to {out}")
+    return 0
+
+
+def _cli_files(args: argparse.Namespace) -> list[Path]:
     if args.builtin:
         from mpnet_dist.data.corpus import materialize_builtin_corpus
 
-        files = list_train_files(materialize_builtin_corpus(args.data_cache_dir).train_dir)
-    else:
-        files = list_train_files(args.train_dir) if args.train_dir else [Path(f) for f in args.files]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise DataError(f"--files: no such file: {', '.join(missing)}")
-    out = train_tokenizer(files, args.output_dir, args.vocab_size, not args.no_lowercase, args.text_field)
-    print(f"tokenizer saved to {out}")
-    return 0
+        return list_train_files(materialize_builtin_corpus(args.data_cache_dir).train_dir)
+    files = list_train_files(args.train_dir) if args.train_dir else [Path(f) for f in args.files]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"--files: no such file: {', '.join(missing)}")
+    return files
