@@ -16,3 +16,6 @@ for key, value in {
     "WANDB_SILENT": "true",
 }.items():
     os.environ.setdefault(key, value)
+
+# Shared fixtures for end-to-end tests (tiny corpus + tokenizer built once per session).
+pytest_plugins = ["tests.corpus"]

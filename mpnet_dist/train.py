@@ -188,6 +188,11 @@ def _train_loop(cfg, accelerator, model, optimizer, data, state, writer, run_dir
     )
     window = _Window()
     nonfinite_run = 0
+    if state.step == 0 and cfg.total_updates > 0:
+        # The untrained model's validation loss: the baseline every later evaluation is read against.
+        result = evaluate(accelerator, model, data.valid)
+        if result is not None:
+            _write_eval(writer, state, "valid", result)
     model.train()
     while state.step < cfg.total_updates:
         started = time.perf_counter()

@@ -8,8 +8,25 @@ from pathlib import Path
 
 import pytest
 
-_MODULES = ("collections", "json", "pathlib", "argparse", "logging", "textwrap", "fractions", "heapq", "bisect",
-            "functools", "itertools", "contextlib", "dataclasses", "enum", "statistics", "string", "shutil")
+_MODULES = (
+    "collections",
+    "json",
+    "pathlib",
+    "argparse",
+    "logging",
+    "textwrap",
+    "fractions",
+    "heapq",
+    "bisect",
+    "functools",
+    "itertools",
+    "contextlib",
+    "dataclasses",
+    "enum",
+    "statistics",
+    "string",
+    "shutil",
+)
 
 
 def docstrings() -> list[str]:
