@@ -89,30 +89,35 @@ def export_model(
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    hf_model.save_pretrained(tmp)
-    if save_tokenizer:
-        tokenizer.model_max_length = config.max_positions  # as the reference converter does
-        tokenizer.save_pretrained(tmp)
-    what = "weights, config and tokenizer" if save_tokenizer else "weights and config"
-    logger.info("wrote %s %s to %s; verifying", dtype, what, tmp)
-
-    reference = MPNetForPretraining(MPNetConfig.from_dict(config.to_dict()))
-    load_complete_state_dict(reference, {k: v.float() for k, v in exported.items()}, source="export")
     try:
+        hf_model.save_pretrained(tmp)
+        if save_tokenizer:
+            tokenizer.model_max_length = config.max_positions  # as the reference converter does
+            tokenizer.save_pretrained(tmp)
+        what = "weights, config and tokenizer" if save_tokenizer else "weights and config"
+        logger.info("wrote %s %s to %s; verifying", dtype, what, tmp)
+        reference = MPNetForPretraining(MPNetConfig.from_dict(config.to_dict()))
+        load_complete_state_dict(reference, {k: v.float() for k, v in exported.items()}, source="export")
         check = verify_export(tmp, reference.eval(), model, tokenizer if save_tokenizer else None, dtype)
     except ExportVerificationError as err:
-        failed = out_dir.with_name(out_dir.name + ".failed")
-        shutil.rmtree(failed, ignore_errors=True)
-        tmp.rename(failed)
-        (failed / FAILED_NOTE).write_text(f"{err}\n")
-        raise ExportVerificationError(
-            f"{err}\nThe rejected folder was kept for inspection at {failed}"
-        ) from err
+        raise _reject(tmp, out_dir, err) from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crash mid-write leaves nothing behind
+        raise
     report = ExportReport(str(out_dir), dtype, *check, source=source, step=step)
     (tmp / INFO_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
     _move_into_place(tmp, out_dir)
     logger.info("exported %s (verified: max |logit diff| %.3g <= %.3g)", out_dir, check[0], check[1])
     return report
+
+
+def _reject(tmp: Path, out_dir: Path, err: ExportVerificationError) -> ExportVerificationError:
+    """Keep a folder that failed its check as OUT_DIR.failed, with the reason, never at OUT_DIR."""
+    failed = out_dir.with_name(out_dir.name + ".failed")
+    shutil.rmtree(failed, ignore_errors=True)
+    tmp.rename(failed)
+    (failed / FAILED_NOTE).write_text(f"{err}\n")
+    return ExportVerificationError(f"{err}\nThe rejected folder was kept for inspection at {failed}")
 
 
 def special_token_ids(tokenizer: Any | None, config: MPNetConfig) -> tuple[int, int]:
@@ -169,7 +174,8 @@ def export_checkpoint(
     config = MPNetConfig.from_dict(train_state["model_config"])
     check_exportable(config)  # refuse before reading the weights
     tokenizer = load_run_tokenizer(train_state, tokenizer_name) if save_tokenizer else None
-    special_token_ids(tokenizer, config)  # tokenizer/model agreement, also before reading the weights
+    if tokenizer is not None:
+        special_token_ids(tokenizer, config)  # tokenizer/model agreement, also before reading the weights
     if not checkpoint.is_file():
         model, _ = load_checkpoint_model(path, trust=trust)
     return export_model(
@@ -319,7 +325,8 @@ def _run_cli(prog: str, checkpoint: Path, out_dir: Path, **kwargs: Any) -> int:
 
     try:
         report = export_checkpoint(checkpoint, out_dir, **kwargs)
-    except (HFExportError, CheckpointError, ExportError, ExportVerificationError, DataError) as err:
+    # ValueError: HFExportError and MPNetConfig's own checks, both naming the setting at fault.
+    except (ValueError, CheckpointError, ExportError, ExportVerificationError, DataError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
     print(f"{prog}: wrote {report.out_dir} (max |logit diff| {report.max_abs_diff:.3g}, verified)")
