@@ -80,6 +80,9 @@ def build_accelerator(cfg: Any, timeout_s: int | None = None) -> Accelerator:
         os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(cfg.update_freq)
         os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(cfg.clip_grad_norm)
     precision = resolve_mixed_precision(cfg.mixed_precision)
+    if precision == "fp16" and not cuda:
+        # Accelerate would accept it and silently train in fp32 (no autocast, no scaler on CPU).
+        raise ValueError("--mixed-precision fp16 needs a CUDA GPU; on CPU use --mixed-precision bf16 (or no)")
     accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=handlers, **kwargs)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _align_deepspeed_config(accelerator, cfg)

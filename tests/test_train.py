@@ -168,3 +168,25 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus, tmp_path, mo
 def test_bad_flag_exits_with_message(capsys):
     assert main(["--batch-size", "zero"]) == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+def test_bf16_on_cpu_trains_and_fp16_on_cpu_is_refused(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "bf16"
+    assert train(tiny_args(tiny_corpus, run_dir, "--mixed-precision", "bf16", "--total-updates", "3")) == 0
+    losses = train_losses(run_dir)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        train(tiny_args(tiny_corpus, tmp_path / "fp16", "--mixed-precision", "fp16"))
+
+
+def test_wandb_offline_run_is_written(tiny_corpus, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    run_dir = tmp_path / "run"
+    args = tiny_args(tiny_corpus, run_dir, "--wandb", "--wandb-project", "mpnet-test", "--wandb-name", "tiny",
+                     "--total-updates", "2")  # fmt: skip
+    assert train(args) == 0
+    runs = list((tmp_path / "wandb").rglob("offline-run-*"))
+    assert runs, "no offline W&B run directory"
+    assert list(runs[0].rglob("*.wandb"))  # the run's event log
