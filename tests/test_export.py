@@ -23,11 +23,8 @@ from mpnet_dist.consolidate import load_checkpoint_model
 from mpnet_dist.export import INFO_FILE, convert_to_hf_main, main
 from mpnet_dist.export_check import check_batch
 from mpnet_dist.model import MPNetConfig, MPNetForPretraining
-from tests import corpus
 from tests.corpus import reset_accelerate
 from tests.test_train import tiny_args, train
-
-tiny_corpus = corpus.tiny_corpus  # the session fixture, used here under its own name
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "launch_configs" / "accelerate"
