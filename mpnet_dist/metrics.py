@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ def _init_wandb(cfg):
         "project": cfg.wandb_project,
         "name": cfg.wandb_name,
         "config": cfg.to_dict(),
-        "dir": cfg.checkpoint_dir,
+        "dir": os.environ.get("WANDB_DIR", cfg.checkpoint_dir),  # run folder unless WANDB_DIR says otherwise
     }
     if cfg.wandb_id:
         kwargs.update(id=cfg.wandb_id, resume="allow")

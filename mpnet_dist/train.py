@@ -110,7 +110,7 @@ def run(cfg: TrainConfig) -> int:
 
     from mpnet_dist.data import build_data, check_vocab, load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.tokenizer_name)
+    tokenizer = load_tokenizer(cfg.tokenizer_name, cfg.data_cache_dir)
     saved = read_train_state(resume_from) if resume_from else None
     if saved is not None:
         check_vocab(tokenizer, saved["tokenizer_size"])
