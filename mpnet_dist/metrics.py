@@ -13,7 +13,15 @@ from typing import Any
 logger = logging.getLogger("mpnet_dist")
 
 
+class _TiedWeightNotice(logging.Filter):
+    """Accelerate warns on every save that it dropped the LM head's copy of the tied embedding; that is intended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
 def setup_logging(is_main: bool, debug: bool = False) -> None:
+    logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightNotice())
     level = logging.DEBUG if debug else logging.INFO
     if not is_main:
         level = logging.WARNING  # other ranks speak only when something is wrong
