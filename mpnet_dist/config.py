@@ -158,7 +158,6 @@ class TrainConfig:
             "encoder_ffn_dim",
             "encoder_attention_heads",
             "max_tokens",
-            "total_updates",
             "batch_size",
             "update_freq",
             "logging_steps",
@@ -184,7 +183,13 @@ class TrainConfig:
             )
         if self.warmup_updates is not None and self.warmup_updates < 0:
             problems.append(f"{flag('warmup_updates')} must be >= 0 (got {self.warmup_updates})")
-        for name in ("eval_samples", "num_workers", "min_text_length", "max_nonfinite_skips"):
+        for name in (
+            "total_updates",
+            "eval_samples",
+            "num_workers",
+            "min_text_length",
+            "max_nonfinite_skips",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{flag(name)} must be >= 0 (got {getattr(self, name)})")
         if self.keep_checkpoints < -1:

@@ -115,6 +115,10 @@ def run(cfg: TrainConfig) -> int:
     if saved is not None:
         check_vocab(tokenizer, saved["tokenizer_size"])
     model = build_model(cfg, tokenizer, saved)
+    if cfg.export_hf_dir:
+        from mpnet_dist.export import check_exportable
+
+        check_exportable(model.config)  # refuse now, not after days of training
     optimizer = build_optimizer(model, cfg)
     data = build_data(cfg, tokenizer, accelerator.process_index, accelerator.num_processes)
     logger.info("data: %s", getattr(data, "source_info", "ready"))

@@ -190,3 +190,22 @@ def test_wandb_offline_run_is_written(tiny_corpus, tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").rglob("offline-run-*"))
     assert runs, "no offline W&B run directory"
     assert list(runs[0].rglob("*.wandb"))  # the run's event log
+
+
+def test_unexportable_model_with_export_flag_is_refused_at_start(tiny_corpus, tmp_path):
+    from mpnet_dist.model import HFExportError
+
+    with pytest.raises(HFExportError, match="normalize_before"):
+        train(
+            tiny_args(
+                tiny_corpus, tmp_path / "run", "--normalize-before", "--export-hf-dir", str(tmp_path / "hf")
+            )
+        )
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_zero_updates_saves_the_initial_model(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(tiny_args(tiny_corpus, run_dir, "--total-updates", "0")) == 0
+    state = json.loads((run_dir / "final" / "train_state.json").read_text())
+    assert state["step"] == 0 and state["tokens"] == 0

@@ -24,9 +24,18 @@ SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 MASK = "<mask>"
 
 
+def _is_file(item: str | os.PathLike) -> bool:
+    if isinstance(item, os.PathLike):
+        return True
+    try:
+        return "\n" not in item and Path(item).is_file()
+    except OSError:  # a long text is not a path ("File name too long")
+        return False
+
+
 def _texts(files_or_texts: Iterable[str | os.PathLike], text_field: str) -> Iterable[str]:
     items = list(files_or_texts) if isinstance(files_or_texts, list | tuple) else None
-    if items is not None and items and all(isinstance(x, os.PathLike) or Path(x).is_file() for x in items):
+    if items is not None and items and all(_is_file(x) for x in items):
         return chain.from_iterable(read_documents(p, text_field) for p in items)
     return files_or_texts if items is None else items  # type: ignore[return-value]
 
