@@ -1,0 +1,284 @@
+"""Scale-out with real `accelerate launch` processes on CPU (gloo).
+
+One fresh run per backend is shared by every assertion about it (module-scoped fixtures):
+- DDP, 2 processes: really 2-rank DDP; equals 1 process at twice the batch; its step-3 checkpoint resumes
+  bitwise on two "machines" (two launches with --num_machines 2 on 127.0.0.1) and, at the same global batch,
+  on 1 process, continuing the same data.
+- ZeRO-2 and ZeRO-3: match DDP within ZERO_LOSS_TOL; resume to the same weights; ZeRO-3 really partitions
+  the parameters; ZeRO-3 resumes on two "machines"; a ZeRO checkpoint on another world size is refused.
+The helpers at the top are shared by tests/test_launch_configs.py and tests/test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mpnet_dist.checkpoint import CheckpointError
+from tests import corpus
+from tests.test_train import tiny_args, train, train_losses
+
+tiny_corpus = corpus.tiny_corpus  # session fixture: the corpus and tokenizer are built once
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "launch_configs" / "accelerate"
+NO_DROPOUT = ("--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0")
+# Tiny test params stay whole under ZeRO-3's default persistence threshold (1e5 elements): force partitioning.
+PARTITION_ALL = json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+DDP_LOSS_TOL = 1e-5  # 2 processes x batch b vs 1 process x batch 2b: only the reduction order differs
+ZERO_LOSS_TOL = 1e-5  # ZeRO-2/3 vs DDP (same fp32 math, DeepSpeed's own clipping and bucketed reductions)
+ZERO_WEIGHT_TOL = 1e-5
+# Variables a user should NOT need: the factory must do their job (DESIGN.md, "Distributed execution").
+_NOT_NEEDED = ("ACCELERATE_USE_CPU", "DS_ACCELERATOR")
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _NOT_NEEDED and not k.startswith("ACCELERATE_")}
+    env["MPNET_DIST_TIMEOUT_S"] = "120"  # a hung collective fails the test in minutes, not 30
+    env.update(extra)
+    return env
+
+
+def launch_cmd(config: Path, args: list[str], *flags: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *flags,
+            "-m", "mpnet_dist.train", *args]  # fmt: skip
+
+
+def start(config: Path, args: list[str], *flags: str, log: Path, **env: str) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        return subprocess.Popen(launch_cmd(config, args, *flags), cwd=REPO, env=launch_env(**env),
+                                stdout=fh, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        code = "timeout"
+    if code != 0:
+        raise AssertionError(f"launch exited with {code}; last lines of {log}:\n{tail(log)}")
+
+
+def tail(log: Path, lines: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_two_machines(config: Path, args: list[str], *flags: str, log_dir: Path, **env: str) -> list[tuple]:
+    """Two `accelerate launch --num_machines 2` (one process each) on 127.0.0.1, as on two nodes."""
+    common = ("--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+              "--main_process_port", str(free_port()), *flags)  # fmt: skip
+    logs = [log_dir / f"machine{rank}.log" for rank in (0, 1)]
+    return [
+        (start(config, args, *common, "--machine_rank", str(r), log=logs[r], **env), logs[r]) for r in (0, 1)
+    ]
+
+
+def finish_all(procs: list[tuple]) -> None:
+    for proc, log in procs:
+        finish(proc, log)
+
+
+def train_state(run_dir: Path, name: str = "final") -> dict:
+    return json.loads((run_dir / name / "train_state.json").read_text())
+
+
+def weights(run_dir: Path, name: str = "final") -> dict[str, torch.Tensor]:
+    """fp32 weights of a checkpoint: model.safetensors (DDP, 1 process) or the consolidated ZeRO shards."""
+    folder = run_dir / name
+    if (folder / "model.safetensors").is_file():
+        return load_file(str(folder / "model.safetensors"))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="pytorch_model")
+
+
+def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    shared = a.keys() & b.keys()
+    assert len(shared) >= 0.9 * max(len(a), len(b)), (sorted(a), sorted(b))
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in shared)
+
+
+def max_loss_diff(a: dict[int, float], b: dict[int, float], steps) -> float:
+    return max(abs(a[s] - b[s]) for s in steps)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _args(corpus, run_dir: Path, *extra: str) -> list[str]:
+    return tiny_args(corpus, run_dir, *NO_DROPOUT, "--checkpoint-interval", "3", *extra)
+
+
+def _from_step3(corpus, run_dir: Path, fresh: Path) -> list[str]:
+    return _args(corpus, run_dir, "--resume-checkpoint", str(fresh / "step-00000003"))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_corpus, tmp_path_factory) -> dict[str, Path]:
+    """Fresh 6-step runs (checkpoint at 3), then runs resumed from their step 3. Each phase runs its launches
+    concurrently: a tiny run mostly waits on imports and gloo round trips, so 2 cores go further that way.
+
+    ddp:   cpu_2proc.yaml, 2 processes x batch 4;   ddp_2m:   resumed on two "machines" (multinode_template.yaml)
+    zero2: deepspeed_zero2.yaml;                     zero2_r:  resumed on the same node
+    zero3: deepspeed_zero3.yaml, all params sharded; zero3_2m: resumed on two "machines" (standard launcher)
+    """
+    root = tmp_path_factory.mktemp("dist")
+    dirs = {name: root / name for name in ("ddp", "zero2", "zero3", "ddp_2m", "zero2_r", "zero3_2m")}
+    partition = {"MPNET_DIST_DEEPSPEED_OVERRIDES": PARTITION_ALL}
+    port0 = ("--main_process_port", "0")
+    fresh = [
+        (start(CONFIGS / "cpu_2proc.yaml", _args(tiny_corpus, dirs["ddp"]), *port0, log=root / "ddp.log"),
+         root / "ddp.log"),
+        (start(CONFIGS / "deepspeed_zero2.yaml", _args(tiny_corpus, dirs["zero2"]), *port0,
+               log=root / "zero2.log"), root / "zero2.log"),
+        (start(CONFIGS / "deepspeed_zero3.yaml", _args(tiny_corpus, dirs["zero3"]), *port0,
+               log=root / "zero3.log", **partition), root / "zero3.log"),
+    ]  # fmt: skip
+    finish_all(fresh)
+    resumed = [
+        # multinode_template.yaml is for GPU nodes (bf16); fp32 here so the result compares bit for bit.
+        *start_two_machines(CONFIGS / "multinode_template.yaml", _from_step3(tiny_corpus, dirs["ddp_2m"],
+                            dirs["ddp"]), "--mixed_precision", "no", log_dir=root / "ddp_2m_logs"),
+        (start(CONFIGS / "deepspeed_zero2.yaml", _from_step3(tiny_corpus, dirs["zero2_r"], dirs["zero2"]),
+               *port0, log=root / "zero2_r.log"), root / "zero2_r.log"),
+        *start_two_machines(CONFIGS / "deepspeed_zero3.yaml", _from_step3(tiny_corpus, dirs["zero3_2m"],
+                            dirs["zero3"]), "--deepspeed_multinode_launcher", "standard",
+                            log_dir=root / "zero3_2m_logs", **partition),
+    ]  # fmt: skip
+    finish_all(resumed)
+    return dirs
+
+
+def _log(run_dir: Path) -> str:
+    return (run_dir.parent / f"{run_dir.name}.log").read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_ddp_is_two_rank_ddp_and_matches_one_process_at_twice_the_batch(runs, tiny_corpus, tmp_path):
+    state = train_state(runs["ddp"])
+    assert (state["distributed_type"], state["world_size"], state["zero_stage"]) == (
+        "DistributedType.MULTI_CPU",
+        2,
+        0,
+    )
+    assert "MULTI_CPU, 2 process(es)" in _log(runs["ddp"])
+    single = tmp_path / "single"
+    assert train(tiny_args(tiny_corpus, single, *NO_DROPOUT, "--batch-size", "8")) == 0
+    assert train_state(single)["world_size"] == 1
+    two, one = train_losses(runs["ddp"]), train_losses(single)
+    assert sorted(two) == sorted(one) == [1, 2, 3, 4, 5, 6]
+    diff = max_loss_diff(two, one, range(1, 7))
+    print(f"DDP 2x4 vs 1x8: max loss diff {diff:.2e}, max weight diff "
+          f"{max_weight_diff(weights(runs['ddp']), weights(single)):.2e}")  # fmt: skip
+    assert diff < DDP_LOSS_TOL
+
+
+@pytest.mark.slow
+def test_ddp_resumes_bitwise_on_two_machines(runs):
+    """k=3 steps, then resume to N=6 with two single-process launches as two nodes: bitwise the 6-step run."""
+    assert "resumed from" in (runs["ddp_2m"].parent / "ddp_2m_logs" / "machine0.log").read_text()
+    full, again = train_losses(runs["ddp"]), train_losses(runs["ddp_2m"])
+    assert sorted(again) == [4, 5, 6]
+    assert all(again[s] == full[s] for s in (4, 5, 6)), (full, again)
+    a, b = weights(runs["ddp"]), weights(runs["ddp_2m"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_state(runs["ddp_2m"])["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_resumes_on_one_process_with_the_same_data(runs, tiny_corpus, tmp_path):
+    """Same global batch (batch x update-freq x processes = 4 x 2 x 2 = 8 x 2 x 1): the block sequence goes on."""
+    resumed = tmp_path / "one"
+    args = tiny_args(tiny_corpus, resumed, *NO_DROPOUT, "--batch-size", "8", "--resume-checkpoint",
+                     str(runs["ddp"] / "step-00000003"))  # fmt: skip
+    assert train(args) == 0
+    full, again = train_losses(runs["ddp"]), train_losses(resumed)
+    assert sorted(again) == [4, 5, 6]
+    diff = max_loss_diff(full, again, (4, 5, 6))
+    wdiff = max_weight_diff(weights(runs["ddp"]), weights(resumed))
+    print(f"DDP 2-process checkpoint resumed on 1 process: max loss diff {diff:.2e}, weights {wdiff:.2e}")
+    assert diff < DDP_LOSS_TOL and wdiff < 1e-5
+    data_full = torch.load(runs["ddp"] / "final" / "data_state_rank0.pt", weights_only=True)
+    data_one = torch.load(resumed / "final" / "data_state_rank0.pt", weights_only=True)
+    assert data_one["blocks_consumed"] == data_full["blocks_consumed"] == 6 * 2 * 8
+    assert train_state(resumed)["tokens"] == train_state(runs["ddp"])["tokens"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_is_deepspeed_with_two_ranks_and_matches_ddp(stage, runs):
+    run = runs[f"zero{stage}"]
+    state = train_state(run)
+    assert (state["distributed_type"], state["world_size"], state["zero_stage"]) == (
+        "DistributedType.DEEPSPEED", 2, stage)  # fmt: skip
+    assert f"DEEPSPEED ZeRO-{stage}, 2 process(es)" in _log(run)
+    diff = max_loss_diff(train_losses(runs["ddp"]), train_losses(run), range(1, 7))
+    wdiff = max_weight_diff(weights(runs["ddp"]), weights(run))
+    print(f"ZeRO-{stage} vs DDP: max loss diff {diff:.2e}, max weight diff {wdiff:.2e}")
+    assert diff < ZERO_LOSS_TOL and wdiff < ZERO_WEIGHT_TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fresh, resumed", [("zero2", "zero2_r"), ("zero3", "zero3_2m")])
+def test_zero_resume_matches_uninterrupted_run(fresh, resumed, runs):
+    """ZeRO-2 resumes on the same node, ZeRO-3 on two "machines" (--deepspeed_multinode_launcher standard)."""
+    full, again = train_losses(runs[fresh]), train_losses(runs[resumed])
+    assert sorted(again) == [4, 5, 6]
+    diff = max_loss_diff(full, again, (4, 5, 6))
+    wdiff = max_weight_diff(weights(runs[fresh]), weights(runs[resumed]))
+    print(f"{fresh} resumed ({resumed}): max loss diff {diff:.2e}, max weight diff {wdiff:.2e}")
+    assert diff <= ZERO_LOSS_TOL and wdiff <= ZERO_WEIGHT_TOL
+
+
+@pytest.mark.slow
+def test_zero3_partitions_parameters(runs):
+    """Each rank's checkpoint holds empty placeholders for every parameter and half of the fp32 master copy."""
+    folder = runs["zero3"] / "step-00000003" / "pytorch_model"
+    shares = []
+    for rank in (0, 1):
+        model = torch.load(folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", weights_only=False)
+        assert model["ds_config"]["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+        full = {name: shape.numel() for group in model["param_shapes"] for name, shape in group.items()}
+        local = {name: t.numel() for name, t in model["module"].items() if name in full}
+        assert local and all(local[n] < full[n] for n in local), local  # shards, not whole tensors
+        optim = torch.load(folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False)
+        shares.append(sum(t.numel() for t in optim["optimizer_state_dict"]["fp32_flat_groups"]))
+    total = sum(full.values())
+    assert all(share < total for share in shares) and sum(shares) >= total, (shares, total)
+
+
+@pytest.mark.slow
+def test_zero_checkpoint_on_another_world_size_is_refused(runs, tiny_corpus, tmp_path):
+    args = _from_step3(tiny_corpus, tmp_path / "one", runs["zero2"])
+    with pytest.raises(
+        CheckpointError, match=r"ZeRO-2 on 2 processes.*Resume on 2 processes.*mpnet-dist export"
+    ):
+        train(args)
+
+
+def test_fsdp_on_a_cuda_less_host_is_refused(monkeypatch):
+    from mpnet_dist.config import parse_config
+    from mpnet_dist.distributed import build_accelerator
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only refusal")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match="deepspeed_zero3.yaml"):
+        build_accelerator(parse_config(["--batch-size", "2"]))
