@@ -254,7 +254,9 @@ def test_zero3_partitions_parameters(runs):
     shares = []
     for rank in (0, 1):
         model = torch.load(folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", weights_only=False)
-        assert model["ds_config"]["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+        zero_cfg = model["ds_config"]["zero_optimization"]
+        assert zero_cfg["stage3_param_persistence_threshold"] == 0
+        assert zero_cfg["stage3_gather_16bit_weights_on_model_save"] is True  # what export needs
         full = {name: shape.numel() for group in model["param_shapes"] for name, shape in group.items()}
         local = {name: t.numel() for name, t in model["module"].items() if name in full}
         assert local and all(local[n] < full[n] for n in local), local  # shards, not whole tensors
