@@ -8,17 +8,21 @@ mid-write) is never picked for resume.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 logger = logging.getLogger("mpnet_dist")
 
@@ -86,16 +90,36 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     started = time.perf_counter()
-    accelerator.save_state(str(tmp))
-    torch.save(data_state, tmp / f"data_state_rank{accelerator.process_index}.pt")
+    with _write_errors(tmp, final):
+        accelerator.save_state(str(tmp))
+        torch.save(data_state, tmp / f"data_state_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = dict(train_state, format_version=FORMAT_VERSION, world_size=accelerator.num_processes)
-        _write_json(tmp / TRAIN_STATE, state)  # last: marks the folder complete
-        _swap_into_place(tmp, final)
+        with _write_errors(tmp, final):
+            _write_json(tmp / TRAIN_STATE, state)  # last: marks the folder complete
+            _swap_into_place(tmp, final)
         logger.info("saved checkpoint %s (%.1fs)", final, time.perf_counter() - started)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextlib.contextmanager
+def _write_errors(tmp: Path, final: Path) -> Iterator[None]:
+    """A failed write (full disk, quota, I/O error) names the folder and the cause, and frees the partial folder.
+
+    torch.save and safetensors report a full disk as RuntimeError/SafetensorError rather than OSError, so
+    every exception is caught; the partial folder never held train_state.json, so nothing complete is lost.
+    """
+    try:
+        yield
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({type(err).__name__}: {err}). The partial folder {tmp} was "
+            f"removed; the checkpoints already in {final.parent} are intact. Free space (or point "
+            "--checkpoint-dir at a larger disk, lower --keep-checkpoints) and restart with --resume."
+        ) from err
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -107,6 +131,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
     old = final.with_name(f".old-{final.name}")
+    if not final.exists() and is_complete(old):
+        # A crash between the two renames below left the previous folder (e.g. best/) only as .old-best:
+        # put it back before replacing it, instead of deleting the only copy.
+        old.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
@@ -145,10 +173,72 @@ def load_checkpoint(accelerator: Accelerator, path: Path, trust: bool = False) -
             f"{saved_world} processes, or export the weights (`mpnet-dist export {path} OUT`) and start a new run "
             "with --hf-model-path OUT (fresh optimizer state)."
         )
+    _check_random_states(path, accelerator.process_index, saved_world)
     load_kwargs = {"weights_only": False} if trust else None
-    accelerator.load_state(str(path), load_kwargs=load_kwargs)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    with _refuse_pickles(path), _deepspeed_weights_only(deepspeed and not trust):
+        accelerator.load_state(str(path), load_kwargs=load_kwargs)
     rank_file = path / f"data_state_rank{accelerator.process_index}.pt"
     if not rank_file.is_file():
         rank_file = path / "data_state_rank0.pt"
-    data_state = torch.load(rank_file, weights_only=not trust) if rank_file.is_file() else None
+    with _refuse_pickles(rank_file):
+        data_state = torch.load(rank_file, weights_only=not trust) if rank_file.is_file() else None
     return train_state, data_state
+
+
+@contextlib.contextmanager
+def _refuse_pickles(where: Path) -> Iterator[None]:
+    """A weights-only load that meets an arbitrary object: name the flag that allows it (torch's text does not)."""
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{where}: a checkpoint file holds objects that a weights-only load refuses to unpickle ({err}). "
+            "Unpickling can run arbitrary code: only if you trust this checkpoint (you or your team wrote it), "
+            "re-run with --trust-checkpoint."
+        ) from err
+
+
+@contextlib.contextmanager
+def _deepspeed_weights_only(enabled: bool) -> Iterator[None]:
+    """DeepSpeed's checkpoint engine always loads with weights_only=False (Accelerate's load_kwargs never reach
+    it): make it weights-only, with the allow-list of DeepSpeed's own objects, unless --trust-checkpoint."""
+    if not enabled:
+        yield
+        return
+    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
+
+    from mpnet_dist.consolidate import _deepspeed_loads  # the allow-list the offline export uses
+
+    with _deepspeed_loads(torch_checkpoint_engine, trust=False):
+        yield
+
+
+def _check_random_states(path: Path, rank: int, saved_world: int) -> None:
+    """Accelerate loads random_states_<rank>.pkl inside a bare `except Exception` and only logs "Could not load
+    random states" at INFO: a missing, corrupt or non-weights-only file would silently break exact resume (and
+    hide a planted pickle). Load it here first, as Accelerate will (weights-only, its allow-list), and fail loudly.
+    """
+    from accelerate.utils import load
+
+    file = path / f"random_states_{rank}.pkl"
+    if not file.is_file():
+        if rank < saved_world:
+            raise CheckpointError(
+                f"{path} lacks {file.name}, which the {saved_world}-process run that wrote it saves for rank "
+                f"{rank}: the folder is damaged. Resume from another checkpoint (--resume-checkpoint)."
+            )
+        logger.warning("%s has no RNG state for rank %d (saved by %d processes)", path, rank, saved_world)
+        return
+    try:
+        load(file)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{file}: holds objects besides RNG states, which a weights-only load refuses to unpickle ({err}). "
+            "Accelerate never unpickles this file, not even with --trust-checkpoint: it is not one that "
+            "mpnet-dist wrote. Resume from another checkpoint."
+        ) from err
+    except Exception as err:
+        raise CheckpointError(
+            f"{file}: unreadable ({type(err).__name__}: {err}); resume from another checkpoint."
+        ) from err
