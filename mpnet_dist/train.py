@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -77,6 +78,25 @@ class StopSignal:
         return self.requested or self.file.exists()
 
 
+def stop_with_launcher() -> None:
+    """Under a launcher (accelerate launch, torchrun), have the kernel send us SIGTERM when it dies.
+
+    torch elastic starts each worker in its own session, so a launcher killed with SIGKILL (OOM killer, kill -9)
+    leaves the workers training on, unsupervised and still writing into the run directory. With this, its death
+    takes the preemption path instead: the ranks agree, save, write PREEMPTED and exit (before the handler is
+    installed SIGTERM simply ends the process, which has nothing to save yet).
+    """
+    if sys.platform != "linux" or "LOCAL_RANK" not in os.environ:
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return  # not fatal: only the orphan protection is lost
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        raise SystemExit("mpnet-dist train: the launcher exited during startup; nothing was trained")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
@@ -89,16 +109,35 @@ def main(argv: list[str] | None = None) -> int:
 def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
     if cfg.resume_checkpoint:
         path = Path(cfg.resume_checkpoint)
+        if path.is_file():
+            raise CheckpointError(
+                f"--resume-checkpoint {path} is a file, not an mpnet-dist checkpoint folder (step-N, best, final). "
+                "An annotated-mpnet .pt holds no resumable optimizer/data state: convert its weights "
+                f"(`mpnet-dist export {path} OUT`) and start a new run with --hf-model-path OUT."
+            )
         if not path.is_dir():
             raise CheckpointError(f"--resume-checkpoint {path}: no such folder")
+        if not (path / "train_state.json").is_file() and (path / "config.json").is_file():
+            raise CheckpointError(
+                f"--resume-checkpoint {path} is a Hugging Face model folder, not an mpnet-dist checkpoint: to "
+                f"start from its weights use --hf-model-path {path} (a new run, fresh optimizer) instead."
+            )
         read_train_state(path)  # raises with a clear message when incomplete
         return path
     if cfg.resume:
-        return latest_checkpoint(run_dir)
+        found = latest_checkpoint(run_dir)
+        if found is None and run_dir.is_dir() and any(run_dir.glob("*.pt")):
+            logger.warning(
+                "--resume: %s holds .pt files but no mpnet-dist checkpoint; annotated-mpnet checkpoints cannot "
+                "be resumed: export one (`mpnet-dist export FILE.pt OUT`) and start from --hf-model-path OUT",
+                run_dir,
+            )
+        return found
     return None
 
 
 def run(cfg: TrainConfig) -> int:
+    stop_with_launcher()
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.is_main_process, cfg.debug)
     run_dir = Path(cfg.checkpoint_dir)
