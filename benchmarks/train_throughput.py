@@ -1,0 +1,307 @@
+"""Training-step throughput: our two-stream MPNet step against HF MPNetForMaskedLM, interleaved.
+
+    OMP_NUM_THREADS=2 python -m benchmarks.train_throughput --layers 4 --hidden 256 --heads 4 --ffn 1024 \
+        --seq-len 128 --batch 16 [--precision fp32|bf16] [--device cpu|cuda] [--variants ours,ours-eager,hf]
+
+Variants (all built with the same sizes, same AdamW settings, clip 1.0, lr constant):
+  ours[-sdpa|-eager]  mpnet_dist.step.train_step: two-stream forward over L+2p rows, summed CE on the
+                      p predicted tokens, backward, clip, AdamW; batches from make_mpnet_batch (packed)
+  hf                  transformers.MPNetForMaskedLM on the same L tokens per row, the same predicted
+                      positions as labels (-100 elsewhere); HF runs its LM head on all L positions
+  before[-sdpa|...]   ours, with mpnet_dist/model, loss.py and step.py as of git revision --before
+Repetitions alternate the variants (rotating the order) so shared-machine load hits all of them alike;
+figures are medians over repetitions. tokens/s counts the L input tokens per row (no padding: packed).
+Peak memory comes from one fresh child process per variant: CUDA max_memory_allocated, or on CPU the
+peak RSS (VmHWM in /proc/self/status) minus the RSS after imports, before the model is built. Not
+getrusage's ru_maxrss: Linux carries it over exec from the parent, whose models would inflate it.
+MFU: FLOP formula in benchmarks/step_flops.py; CPU peak = best GEMM rate measured during the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from accelerate import Accelerator
+
+from benchmarks import step_flops
+from mpnet_dist.data.batch import MaskingSpec, count_predictions, make_mpnet_batch
+
+LR, CLIP, POOL = 1e-4, 1.0, 4  # POOL distinct batches cycled, so no step sees a cached input
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=30527)
+    p.add_argument("--seq-len", type=int, default=128, help="L, tokens per row")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.1, help="all three dropouts, both models")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--variants", default="ours,hf", help="comma list: ours, ours-eager, hf, before, ...")
+    p.add_argument("--before", default=None, help="git revision for the 'before' variants")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant per repetition")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the MFU denominator")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory children")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def synthetic_tokens(batch: int, length: int, vocab: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Packed rows in MPNet's special-id layout (<s>=0, <pad>=1, </s>=2, <mask>=vocab-1), ~1.4 tokens a word."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, vocab - 1, size=(batch, length))
+    tokens[rng.random((batch, length)) < 0.005] = 2  # document boundaries
+    tokens[:, 0] = 0
+    starts = (rng.random((batch, length)) < 0.7) | (tokens < 4)
+    return tokens, starts
+
+
+def build_batches(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """POOL pairs of (two-stream batch, HF MLM batch) over the same tokens and the same predicted positions."""
+    spec = MaskingSpec(mask_id=args.vocab - 1, pad_id=1, special_ids=(0, 1, 2, 3), vocab_size=args.vocab)
+    ours, hf = [], []
+    for seed in range(POOL):
+        tokens, starts = synthetic_tokens(args.batch, args.seq_len, args.vocab, seed)
+        batch = make_mpnet_batch(tokens, starts, np.arange(args.batch) + seed * args.batch, spec)
+        p, length = batch["targets"].shape[1], args.seq_len
+        tail = batch["positions"][:, length - p : length]  # [B, p] original positions of the predictions
+        input_ids = torch.from_numpy(tokens).clone()
+        input_ids.scatter_(1, tail, batch["input_ids"][:, length : length + p])  # 80/10/10-corrupted
+        labels = torch.full_like(input_ids, -100).scatter_(1, tail, batch["targets"])
+        ours.append(batch)
+        hf.append({"input_ids": input_ids, "labels": labels})
+    return ours, hf
+
+
+def load_before(rev: str) -> dict[str, object]:
+    """The model, loss and step modules of `rev`, importable side by side with the working tree's."""
+    root = Path(tempfile.mkdtemp(prefix="mpnet_before_")) / "mpnet_before"
+    (root / "model").mkdir(parents=True)
+    files = {f"model/{n}.py": f"mpnet_dist/model/{n}.py" for n in ("config", "attention", "mpnet")}
+    files.update({"loss.py": "mpnet_dist/loss.py", "step.py": "mpnet_dist/step.py"})
+    for target, source in files.items():
+        text = subprocess.run(
+            ["git", "show", f"{rev}:{source}"], check=True, capture_output=True, text=True
+        ).stdout
+        (root / target).write_text(text.replace("from mpnet_dist.loss", "from mpnet_before.loss"))
+    (root / "__init__.py").write_text("")
+    (root / "model" / "__init__.py").write_text("")
+    sys.path.insert(0, str(root.parent))
+    return {
+        "config": importlib.import_module("mpnet_before.model.config"),
+        "mpnet": importlib.import_module("mpnet_before.model.mpnet"),
+        "step": importlib.import_module("mpnet_before.step"),
+    }
+
+
+class Variant:
+    """One model + optimizer + step function, prepared by the shared Accelerator."""
+
+    def __init__(self, name: str, args: argparse.Namespace, accelerator: Accelerator) -> None:
+        from mpnet_dist import step as step_module
+        from mpnet_dist.model import config as config_module
+        from mpnet_dist.model import hf as hf_module
+        from mpnet_dist.model import mpnet as mpnet_module
+        from mpnet_dist.optim import build_optimizer
+
+        self.name, self.accelerator = name, accelerator
+        kind, _, impl = name.partition("-")
+        modules = {"config": config_module, "mpnet": mpnet_module, "step": step_module}
+        if kind == "before":
+            modules = load_before(args.before)
+        config = modules["config"].MPNetConfig(
+            vocab_size=args.vocab,
+            encoder_layers=args.layers,
+            encoder_embed_dim=args.hidden,
+            encoder_ffn_dim=args.ffn,
+            encoder_attention_heads=args.heads,
+            dropout=args.dropout,
+            attention_dropout=args.dropout,
+            activation_dropout=args.dropout,
+            max_positions=max(512, args.seq_len),
+            attn_impl=impl or "sdpa",
+        )
+        torch.manual_seed(0)
+        if kind == "hf":
+            model = transformers.MPNetForMaskedLM(hf_module.hf_config(config))
+        else:
+            model = modules["mpnet"].MPNetForPretraining(config)
+        self.params = sum(p.numel() for p in model.parameters())
+        opt_cfg = argparse.Namespace(
+            weight_decay=0.01, lr=LR, warmup_updates=0, total_updates=1, end_learning_rate=LR, power=1.0,
+            beta1=0.9, beta2=0.98, adam_eps=1e-6, resolved_warmup=lambda: 0,
+        )  # fmt: skip
+        optimizer = build_optimizer(model, opt_cfg)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.model.train()
+        self.train_step = modules["step"].train_step
+        self.step: Callable[[dict], None] = self.hf_step if kind == "hf" else self.ours_step
+
+    def ours_step(self, batch: dict) -> None:
+        self.train_step(self.accelerator, self.model, self.optimizer, [batch], LR, CLIP, False)
+
+    def hf_step(self, batch: dict) -> None:
+        """What a user of HF would run: mean CE over labelled tokens, backward, clip, AdamW."""
+        batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
+        loss = self.model(**batch).loss
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(self.model.parameters(), CLIP)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def run_steps(variant: Variant, batches: list[dict], n: int, first: int, device: torch.device) -> float:
+    """Seconds per step over n consecutive steps."""
+    step_flops.sync(device)
+    start = time.perf_counter()
+    for i in range(n):
+        variant.step(batches[(first + i) % len(batches)])
+    step_flops.sync(device)
+    return (time.perf_counter() - start) / n
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    precision = "bf16" if args.precision == "bf16" else "no"
+    return Accelerator(cpu=args.device == "cpu", mixed_precision=precision)
+
+
+def proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # the kernel reports kB
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """Runs in a fresh process: peak memory of one variant over warm-up + a few steps, as JSON."""
+    device = torch.device(args.device)
+    base_rss = proc_status_bytes("VmRSS")  # after all imports
+    accelerator = make_accelerator(args)
+    variant = Variant(args.memory_child, args, accelerator)
+    ours, hf = build_batches(args)
+    batches = hf if args.memory_child == "hf" else ours
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run_steps(variant, batches, args.warmup + 2, 0, device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = proc_status_bytes("VmHWM") - base_rss
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def peak_memory(args: argparse.Namespace, name: str, argv: list[str]) -> str:
+    cmd = [sys.executable, "-m", "benchmarks.train_throughput", *argv, "--memory-child", name]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        return "failed: " + result.stderr.strip().splitlines()[-1]
+    peak = json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return f"{peak / 2**20:,.0f} MiB"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args)
+        return
+    device = torch.device(args.device)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    if any(n.startswith("before") for n in names) and not args.before:
+        raise SystemExit("--before REV is needed for the 'before' variants")
+    print(f"command: {shlex.join(['python', '-m', 'benchmarks.train_throughput', *argv])}")
+    print(f"machine: {step_flops.machine_line(device)}")
+    print(f"start: {step_flops.load_line()}")
+    accelerator = make_accelerator(args)
+    variants = [Variant(n, args, accelerator) for n in names]
+    ours_batches, hf_batches = build_batches(args)
+    batches_of = {v.name: hf_batches if v.name == "hf" else ours_batches for v in variants}
+    p = count_predictions(args.seq_len, 0.15)
+    flops = {
+        v.name: step_flops.mlm_step_flops(
+            args.batch, args.seq_len, args.layers, args.hidden, args.ffn, args.vocab
+        )
+        if v.name == "hf"
+        else step_flops.two_stream_step_flops(
+            args.batch, args.seq_len, p, args.layers, args.hidden, args.ffn, args.vocab
+        )
+        for v in variants
+    }
+    for v in variants:
+        run_steps(v, batches_of[v.name], args.warmup, 0, device)
+    gemm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    gemm: list[float] = []
+    for rep in range(args.repeats):
+        order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
+        for v in order:
+            times[v.name].append(run_steps(v, batches_of[v.name], args.steps, rep * args.steps, device))
+        gemm.append(step_flops.gemm_flops_per_s(device, gemm_dtype))
+        row = "  ".join(f"{n} {t[-1] * 1e3:.0f} ms" for n, t in times.items())
+        print(f"rep {rep}: {row}  | {step_flops.load_line()}", flush=True)
+    report(args, argv, variants, times, flops, max(gemm), p, device)
+
+
+def report(args, argv, variants, times, flops, gemm_peak, p, device) -> None:
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else step_flops.spec_peak_flops(device) or gemm_peak
+    peak_source = "--peak-tflops" if args.peak_tflops else "spec sheet" if device.type == "cuda" else "GEMM"
+    tokens = args.batch * args.seq_len
+    print(f"end: {step_flops.load_line()}")
+    print(
+        f"\nsize: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, ffn {args.ffn}, vocab {args.vocab}; "
+        f"B={args.batch}, L={args.seq_len}, p={p} (two-stream rows L+2p={args.seq_len + 2 * p}), "
+        f"{args.precision}, dropout {args.dropout}, {args.device}"
+    )
+    print(
+        f"peak for MFU: {peak / 1e12:.3f} TFLOP/s ({peak_source}); best {args.precision} 2048^3 GEMM this run: "
+        f"{gemm_peak / 1e12:.3f} TFLOP/s; {args.repeats} reps x {args.steps} steps, medians\n"
+    )
+    print(
+        "| variant | params | step ms (median) | min-max ms | tokens/s | model TFLOP/step | TFLOP/s | MFU | peak mem |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    medians = {}
+    for v in variants:
+        t = statistics.median(times[v.name])
+        medians[v.name] = t
+        mem = "-" if args.no_memory else peak_memory(args, v.name, argv)
+        rate = flops[v.name] / t
+        print(
+            f"| {v.name} | {v.params / 1e6:.1f}M | {t * 1e3:.1f} | {min(times[v.name]) * 1e3:.0f}-"
+            f"{max(times[v.name]) * 1e3:.0f} | {tokens / t:,.0f} | {flops[v.name] / 1e12:.4f} | "
+            f"{rate / 1e12:.3f} | {rate / peak:.1%} | {mem} |"
+        )
+    if "hf" in medians:
+        print()
+        for name, t in medians.items():
+            if name != "hf":
+                ratios = [a / b for a, b in zip(times[name], times["hf"], strict=True)]
+                print(
+                    f"cost per token {name} / hf: {t / medians['hf']:.2f}x "
+                    f"(per-rep ratios {', '.join(f'{r:.2f}' for r in ratios)}; target <= 1.30x)"
+                )
+
+
+if __name__ == "__main__":
+    main()
