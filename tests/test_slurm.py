@@ -9,6 +9,7 @@ Needs root (apt-get, munge's user); skips with the reason when the packages cann
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import socket
@@ -81,7 +82,7 @@ def cluster():
     base.chmod(0o711)
     conf = (SLURM_TEST_DIR / "slurm.conf.in").read_text()
     for key, value in {"BASE": base, "CTLD_PORT": _free_port(), "SLURMD_PORT": _free_port(),
-                       "CPUS": os.cpu_count() or 1}.items():  # fmt: skip
+                       "CPUS": os.cpu_count() or 1, "FIRST_JOB_ID": random.randrange(1, 50000)}.items():  # fmt: skip
         conf = conf.replace(f"@{key}@", str(value))
     (base / "slurm.conf").write_text(conf)
     env = dict(os.environ, BASE=str(base), SLURM_CONF=str(base / "slurm.conf"), PATH=SBIN_PATH)
@@ -149,15 +150,24 @@ def test_signalled_job_saves_requeues_and_resumes_to_the_same_weights(cluster, t
     job = result.stdout.strip().split(";")[0]
     cluster["jobs"].append(job)
 
-    _wait_for(lambda: _train_steps(run_dir), 180, "the first training step", out)
+    done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
+    _wait_for(lambda: _train_steps(run_dir) or _job_field(job, env, "JobState") in done, 180, "training", out)
+    assert _train_steps(run_dir), f"the job ended before training started:\n{tail(out)}"
     _run(["scancel", "--signal=USR1", "--batch", job], env)
     # The uninterrupted reference run shares the CPUs with the job while it stops, waits and resumes.
     ref_dir, ref_log = tmp_path / "reference", tmp_path / "reference.log"
     ref_args = [a if a != str(run_dir) else str(ref_dir) for a in args]
     reference = start(CONFIGS / "ddp_8gpu.yaml", ref_args, "--num_processes", "2", "--main_process_port", "0",
                       log=ref_log)  # fmt: skip
-    done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
-    _wait_for(lambda: _job_field(job, env, "JobState") in done, 300, "the requeued job to finish", out)
+
+    def finished() -> bool:  # a requeued job passes through states that look final only with Restarts=0
+        if _job_field(job, env, "JobState") not in done:
+            return False
+        return _job_field(job, env, "Restarts") != "0" or "requeueing job" not in out.read_text(
+            errors="replace"
+        )
+
+    _wait_for(finished, 300, "the requeued job to finish", out)
     finish(reference, ref_log)
 
     text = out.read_text(errors="replace")
