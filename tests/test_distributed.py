@@ -284,3 +284,22 @@ def test_fsdp_on_a_cuda_less_host_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(RuntimeError, match="deepspeed_zero3.yaml"):
         build_accelerator(parse_config(["--batch-size", "2"]))
+
+
+@pytest.mark.parametrize(
+    "flag, launcher, expected",
+    [
+        ("no", "bf16", "no"),  # the training flag wins
+        (None, "bf16", "bf16"),  # a launch config's bf16 is honoured, on CPU too
+        (None, "no", "bf16" if torch.cuda.is_available() else "no"),  # the launcher's "no" means "not set"
+        (None, None, "bf16" if torch.cuda.is_available() else "no"),
+    ],
+)
+def test_mixed_precision_precedence(monkeypatch, flag, launcher, expected):
+    from mpnet_dist.distributed import resolve_mixed_precision
+
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    assert resolve_mixed_precision(flag) == expected
