@@ -173,6 +173,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, trust: bool = False) -
             f"{saved_world} processes, or export the weights (`mpnet-dist export {path} OUT`) and start a new run "
             "with --hf-model-path OUT (fresh optimizer state)."
         )
+    _check_same_format(path, train_state.get("zero_stage", 0), accelerator)
     _check_random_states(path, accelerator.process_index, saved_world)
     load_kwargs = {"weights_only": False} if trust else None
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -212,6 +213,23 @@ def _deepspeed_weights_only(enabled: bool) -> Iterator[None]:
 
     with _deepspeed_loads(torch_checkpoint_engine, trust=False):
         yield
+
+
+def _check_same_format(path: Path, saved_stage: int, accelerator: Accelerator) -> None:
+    """DDP/single-process and each ZeRO stage write different layouts; loading one as another fails deep inside
+    Accelerate or DeepSpeed (a bare AssertionError, a missing file): say what was expected instead."""
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    stage = int(accelerator.state.deepspeed_plugin.zero_stage) if deepspeed else 0
+    if saved_stage != stage:
+
+        def kind(s: int) -> str:
+            return f"DeepSpeed ZeRO-{s}" if s else "DDP / a single process"
+
+        raise CheckpointError(
+            f"{path} was written by {kind(saved_stage)}; this run uses {kind(stage)}, whose checkpoints have another "
+            f"layout. Resume with the launch config that wrote it, or export the weights (`mpnet-dist export {path} "
+            "OUT`) and start a new run with --hf-model-path OUT (fresh optimizer state)."
+        )
 
 
 def _check_random_states(path: Path, rank: int, saved_world: int) -> None:

@@ -131,7 +131,7 @@ def _from_step3(corpus, run_dir: Path, fresh: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_corpus, tmp_path_factory) -> dict[str, Path]:
+def runs(tiny_corpus, tmp_path_factory) -> dict:
     """Fresh 6-step runs (checkpoint at 3), then runs resumed from their step 3. Each phase runs its launches
     concurrently: a tiny run mostly waits on imports and gloo round trips, so 2 cores go further that way.
 
@@ -162,7 +162,13 @@ def runs(tiny_corpus, tmp_path_factory) -> dict[str, Path]:
                             dirs["zero3"]), "--deepspeed_multinode_launcher", "standard",
                             log_dir=root / "zero3_2m_logs", **partition),
     ]  # fmt: skip
+    # A DDP checkpoint under DeepSpeed: must be refused with a message, not DeepSpeed's bare AssertionError.
+    mismatch_log = root / "ddp_into_zero2.log"
+    mismatch = start(CONFIGS / "deepspeed_zero2.yaml", _from_step3(tiny_corpus, root / "ddp_into_zero2", dirs["ddp"]),
+                     *port0, log=mismatch_log)  # fmt: skip
     finish_all(resumed)
+    mismatch.wait(timeout=300)
+    dirs["mismatch"] = (mismatch.returncode, mismatch_log.read_text(errors="replace"))
     return dirs
 
 
@@ -273,6 +279,14 @@ def test_zero_checkpoint_on_another_world_size_is_refused(runs, tiny_corpus, tmp
         CheckpointError, match=r"ZeRO-2 on 2 processes.*Resume on 2 processes.*mpnet-dist export"
     ):
         train(args)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_kind_is_refused_with_the_way_forward(runs):
+    code, out = runs["mismatch"]
+    assert code != 0
+    assert "was written by DDP / a single process; this run uses DeepSpeed ZeRO-2" in out, out[-3000:]
+    assert "mpnet-dist export" in out
 
 
 def test_fsdp_on_a_cuda_less_host_is_refused(monkeypatch):
