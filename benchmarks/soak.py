@@ -1,7 +1,7 @@
 """Soak test (not in CI): a tiny model on 2 CPU processes, killed at random and resumed, must end with the
 weights of an uninterrupted run, bit for bit.
 
-    python benchmarks/soak.py --steps 2000 --kills 6 --out /tmp/mpnet-soak
+    python benchmarks/soak.py --steps 2000 --kills 8 --out /tmp/mpnet-soak
 
 An uninterrupted reference run goes on in the background while the chaos run is started with --resume, then
 SIGKILLed (a random rank, the launcher, or a rank caught while a checkpoint is being written) at random steps,
@@ -37,8 +37,10 @@ GONE_DEADLINE_S = 90.0
 
 
 def launch(corpus: dict, run_dir: Path, steps: int, *extra: str) -> subprocess.Popen:
+    # --logging-steps 1: a logged loss averages the steps since the previous log, and a run resumed between two
+    # log steps starts a shorter window; logging every step makes every logged loss comparable bit for bit.
     args = tiny_args(corpus, run_dir, "--total-updates", str(steps), "--checkpoint-interval", "50",
-                     "--keep-checkpoints", "3", "--eval-interval-steps", "250", "--logging-steps", "5", *extra)  # fmt: skip
+                     "--keep-checkpoints", "3", "--eval-interval-steps", "250", "--logging-steps", "1", *extra)  # fmt: skip
     env = launch_env()
     env.pop("MPNET_DIST_TIMEOUT_S", None)  # the product default, as a user runs it
     log = open(run_dir.parent / f"{run_dir.name}.log", "ab")  # noqa: SIM115  (outlives this function)
@@ -121,7 +123,7 @@ def kill_once(corpus: dict, run_dir: Path, steps: int, target: int, victim: str,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--kills", type=int, default=6)
+    parser.add_argument("--kills", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("/tmp/mpnet-soak"))
     opts = parser.parse_args()
