@@ -108,16 +108,21 @@ def save_checkpoint(
 def _write_errors(tmp: Path, final: Path) -> Iterator[None]:
     """A failed write (full disk, quota, I/O error) names the folder and the cause, and frees the partial folder.
 
-    torch.save and safetensors report a full disk as RuntimeError/SafetensorError rather than OSError, so
-    every exception is caught; the partial folder never held train_state.json, so nothing complete is lost.
+    torch.save reports a full disk as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos" and
+    safetensors as SafetensorError, so every exception is caught and the free space is stated next to it. The
+    partial folder never held train_state.json, so nothing complete is lost.
     """
     try:
         yield
     except Exception as err:
+        try:
+            free = f"{shutil.disk_usage(final.parent).free / 2**20:.1f} MiB free on its disk"
+        except OSError:
+            free = "free space unknown"
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
-            f"could not write checkpoint {final} ({type(err).__name__}: {err}). The partial folder {tmp} was "
-            f"removed; the checkpoints already in {final.parent} are intact. Free space (or point "
+            f"could not write checkpoint {final} ({type(err).__name__}: {err}; {free}). The partial folder {tmp} "
+            f"was removed; the checkpoints already in {final.parent} are intact. Free space (or point "
             "--checkpoint-dir at a larger disk, lower --keep-checkpoints) and restart with --resume."
         ) from err
 
