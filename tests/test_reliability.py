@@ -465,6 +465,17 @@ def test_tokenizer_needing_custom_code_is_refused_without_running_it(tiny_corpus
     assert not marker.exists()
 
 
+def test_dataset_script_is_refused_without_running_it(tmp_path):
+    from mpnet_dist.data.sources import open_stream
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "ds.py").write_text(f"open({str(marker)!r}, 'w')\n")  # a loading script
+    with pytest.raises(DataError, match="scripts are no longer supported"):
+        open_stream(str(tmp_path / "ds"), None, None, "text")
+    assert not marker.exists()
+
+
 @pytest.mark.xfail(reason="data/tokenizer.py leaves trust_remote_code unset, so transformers prompts on a TTY "
                    "(reported in RELIABILITY.md)", strict=False)  # fmt: skip
 def test_tokenizer_needing_custom_code_never_prompts(tiny_corpus, tmp_path, capsys):
