@@ -154,6 +154,9 @@ def run(cfg: TrainConfig) -> int:
     if saved is not None:
         check_vocab(tokenizer, saved["tokenizer_size"])
     model = build_model(cfg, tokenizer, saved)
+    # Same weights everywhere, but each rank its own dropout masks (seed + rank); a resumed run restores
+    # every rank's RNG from the checkpoint instead.
+    set_seed(cfg.seed, device_specific=True)
     if cfg.export_hf_dir:
         from mpnet_dist.export import check_exportable
 
