@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--variants", default="ours,hf", help="comma list: ours, ours-eager, hf, before, ...")
+    p.add_argument("--baseline", default="hf", help="variant the others are divided by")
     p.add_argument("--before", default=None, help="git revision for the 'before' variants")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant per repetition")
     p.add_argument("--repeats", type=int, default=5)
@@ -62,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the MFU denominator")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory children")
+    p.add_argument("--profile", type=int, default=0, help="profile N steps of the first variant, then exit")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -170,14 +172,20 @@ class Variant:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def run_steps(variant: Variant, batches: list[dict], n: int, first: int, device: torch.device) -> float:
-    """Seconds per step over n consecutive steps."""
+def run_steps(
+    variant: Variant, batches: list[dict], n: int, first: int, device: torch.device
+) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per step over n consecutive steps.
+
+    CPU time counts only the time this process ran: on a shared CPU it moves much less with the load
+    than wall time does (with one thread it is the compute time; with k threads up to k x wall).
+    """
     step_flops.sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(n):
         variant.step(batches[(first + i) % len(batches)])
     step_flops.sync(device)
-    return (time.perf_counter() - start) / n
+    return (time.perf_counter() - start) / n, (time.process_time() - cpu_start) / n
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -250,57 +258,92 @@ def main(argv: list[str] | None = None) -> None:
     }
     for v in variants:
         run_steps(v, batches_of[v.name], args.warmup, 0, device)
+    if args.profile:
+        profile(variants[0], batches_of[variants[0].name], args.profile, device)
+        return
     gemm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
-    gemm: list[float] = []
+    # CPUs without AVX512-BF16/AMX run bf16 GEMMs ~100x slower than fp32: keep that probe short.
+    gemm_size = 512 if gemm_dtype == torch.bfloat16 and device.type == "cpu" else 2048
+    times: dict[str, list[tuple[float, float]]] = {v.name: [] for v in variants}
+    gemm: list[tuple[float, float]] = []
     for rep in range(args.repeats):
         order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
         for v in order:
             times[v.name].append(run_steps(v, batches_of[v.name], args.steps, rep * args.steps, device))
-        gemm.append(step_flops.gemm_flops_per_s(device, gemm_dtype))
-        row = "  ".join(f"{n} {t[-1] * 1e3:.0f} ms" for n, t in times.items())
+        gemm.append(step_flops.gemm_flops_per_s(device, gemm_dtype, gemm_size))
+        row = "  ".join(f"{n} {t[-1][0] * 1e3:.0f} ms ({t[-1][1] * 1e3:.0f} CPU)" for n, t in times.items())
         print(f"rep {rep}: {row}  | {step_flops.load_line()}", flush=True)
-    report(args, argv, variants, times, flops, max(gemm), p, device)
+    peaks = (max(g[0] for g in gemm), max(g[1] for g in gemm))
+    report(args, argv, variants, times, flops, peaks, p, device)
 
 
-def report(args, argv, variants, times, flops, gemm_peak, p, device) -> None:
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else step_flops.spec_peak_flops(device) or gemm_peak
-    peak_source = "--peak-tflops" if args.peak_tflops else "spec sheet" if device.type == "cuda" else "GEMM"
+def profile(variant: Variant, batches: list[dict], steps: int, device: torch.device) -> None:
+    """Operator table of `steps` steps, by self time: where our step spends its time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities, record_shapes=True) as prof:
+        run_steps(variant, batches, steps, 0, device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(
+        prof.key_averages(group_by_input_shape=True).table(
+            sort_by=sort, row_limit=30, max_name_column_width=40
+        )
+    )
+    print(f"end: {step_flops.load_line()}")
+
+
+def report(args, argv, variants, times, flops, gemm_peaks, p, device) -> None:
+    """Markdown table; wall figures first, then the same per CPU-second (the load-robust ones here)."""
+    spec = args.peak_tflops * 1e12 if args.peak_tflops else step_flops.spec_peak_flops(device)
+    peak_wall, peak_cpu = (spec, spec) if spec else gemm_peaks
+    source = "--peak-tflops" if args.peak_tflops else "spec sheet" if spec else "best GEMM of the run"
     tokens = args.batch * args.seq_len
     print(f"end: {step_flops.load_line()}")
     print(
         f"\nsize: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, ffn {args.ffn}, vocab {args.vocab}; "
         f"B={args.batch}, L={args.seq_len}, p={p} (two-stream rows L+2p={args.seq_len + 2 * p}), "
-        f"{args.precision}, dropout {args.dropout}, {args.device}"
+        f"{args.precision}, dropout {args.dropout}, {args.device}; {args.repeats} reps x {args.steps} steps"
     )
     print(
-        f"peak for MFU: {peak / 1e12:.3f} TFLOP/s ({peak_source}); best {args.precision} 2048^3 GEMM this run: "
-        f"{gemm_peak / 1e12:.3f} TFLOP/s; {args.repeats} reps x {args.steps} steps, medians\n"
+        f"peak for MFU ({source}): {peak_wall / 1e12:.3f} TFLOP/s wall, {peak_cpu / 1e12:.3f} TFLOP/s per "
+        f"CPU-second; best {args.precision} GEMM this run {gemm_peaks[0] / 1e12:.3f} / {gemm_peaks[1] / 1e12:.3f}\n"
     )
     print(
-        "| variant | params | step ms (median) | min-max ms | tokens/s | model TFLOP/step | TFLOP/s | MFU | peak mem |"
+        "| variant | params | step ms (median, min-max) | tokens/s | MFU | step CPU-ms (median, min-max) "
+        "| tokens/CPU-s | MFU per CPU-s | model TFLOP/step | peak mem |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    medians = {}
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for v in variants:
-        t = statistics.median(times[v.name])
-        medians[v.name] = t
+        wall = [t[0] for t in times[v.name]]
+        cpu = [t[1] for t in times[v.name]]
+        w, c = statistics.median(wall), statistics.median(cpu)
         mem = "-" if args.no_memory else peak_memory(args, v.name, argv)
-        rate = flops[v.name] / t
         print(
-            f"| {v.name} | {v.params / 1e6:.1f}M | {t * 1e3:.1f} | {min(times[v.name]) * 1e3:.0f}-"
-            f"{max(times[v.name]) * 1e3:.0f} | {tokens / t:,.0f} | {flops[v.name] / 1e12:.4f} | "
-            f"{rate / 1e12:.3f} | {rate / peak:.1%} | {mem} |"
+            f"| {v.name} | {v.params / 1e6:.1f}M | {w * 1e3:.0f} ({min(wall) * 1e3:.0f}-{max(wall) * 1e3:.0f}) "
+            f"| {tokens / w:,.0f} | {flops[v.name] / w / peak_wall:.1%} "
+            f"| {c * 1e3:.0f} ({min(cpu) * 1e3:.0f}-{max(cpu) * 1e3:.0f}) | {tokens / c:,.0f} "
+            f"| {flops[v.name] / c / peak_cpu:.1%} | {flops[v.name] / 1e12:.4f} | {mem} |"
         )
-    if "hf" in medians:
-        print()
-        for name, t in medians.items():
-            if name != "hf":
-                ratios = [a / b for a, b in zip(times[name], times["hf"], strict=True)]
-                print(
-                    f"cost per token {name} / hf: {t / medians['hf']:.2f}x "
-                    f"(per-rep ratios {', '.join(f'{r:.2f}' for r in ratios)}; target <= 1.30x)"
-                )
+    base = args.baseline
+    if base not in times:
+        return
+    print()
+    for name in times:
+        if name == base:
+            continue
+        for label, k in (("wall", 0), ("CPU", 1)):
+            ratios = [a[k] / b[k] for a, b in zip(times[name], times[base], strict=True)]
+            medians = statistics.median(t[k] for t in times[name]) / statistics.median(
+                t[k] for t in times[base]
+            )
+            target = "; target <= 1.30x" if base == "hf" else ""
+            print(
+                f"cost per token {name} / {base} ({label} time): {medians:.2f}x of the medians, "
+                f"{statistics.median(ratios):.2f}x median of per-rep ratios "
+                f"({', '.join(f'{r:.2f}' for r in ratios)}){target}"
+            )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,32 @@ def relative_position_bucket(relative_position: Tensor, num_buckets: int, max_di
 
 
 @functools.lru_cache(maxsize=32)
+def _cached_bucket_lut(
+    max_positions: int, num_buckets: int, max_distance: int, device: torch.device
+) -> Tensor:
+    distance = torch.arange(1 - max_positions, max_positions, device=device)
+    return relative_position_bucket(distance, num_buckets, max_distance)
+
+
+def relative_buckets(
+    key_positions: Tensor, query_positions: Tensor, max_positions: int, num_buckets: int, max_distance: int
+) -> Tensor:
+    """[B, S] and [B, T] positions in [0, max_positions) -> [B, T, S] buckets of (key - query).
+
+    The same values as relative_position_bucket on the [B, T, S] distances, read from a cached table of
+    every possible distance: one subtraction and one gather instead of ~15 elementwise passes.
+    """
+    lut_args = (max_positions, num_buckets, max_distance, key_positions.device)
+    lut = (
+        _cached_bucket_lut.__wrapped__(*lut_args)
+        if torch.compiler.is_compiling()
+        else _cached_bucket_lut(*lut_args)
+    )
+    relative = key_positions[:, None, :] - query_positions[:, :, None]  # [B, T, S]
+    return lut[relative + (max_positions - 1)]
+
+
+@functools.lru_cache(maxsize=32)
 def _cached_two_stream_mask(seq_len: int, pred_size: int, device: torch.device) -> Tensor:
     return build_two_stream_mask(seq_len, pred_size, device)
 
@@ -105,17 +131,48 @@ def build_float_mask(
     The result is contiguous except that rows may start at multiples of `row_multiple` elements:
     SDPA's memory-efficient CUDA kernel copies an unaligned mask on every call, i.e. every layer.
     """
+    num_buckets = table.num_embeddings
     # Call the module, not F.embedding on its weight, so ZeRO-3 gathers the table and hooks see it.
-    bias = table(buckets).permute(0, 3, 1, 2)  # [B|1, nh, T, S], strided as [B|1, T, S, nh]
-    if blocked is not None:
-        bias = bias.masked_fill(blocked[:, None], float("-inf"))
-    device = bias.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else bias.dtype
-    *lead, size = bias.shape
-    buffer = bias.new_empty(*lead, size + (-size % row_multiple), dtype=dtype)
-    mask = buffer[..., :size]
-    mask.copy_(bias)  # one pass: head-major layout, dtype cast and alignment together
-    return mask
+    weight = table(torch.arange(num_buckets, device=buckets.device))  # [nb, nh]
+    index = buckets if blocked is None else torch.where(blocked, num_buckets, buckets)  # [B|1, T, S]
+    device = weight.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return _GatherBias.apply(weight, index, dtype, row_multiple)
+
+
+class _GatherBias(torch.autograd.Function):
+    """mask[b, h, t, s] = weight[index[b, t, s], h], or -inf where index == nb: [B|1, nh, T, S].
+
+    One gather writes the head-major, row-aligned mask in its final dtype; the autograd path it replaces
+    (embedding, masked_fill, permuted cast-copy) made three passes forward and, backward, an
+    embedding_dense_backward over every (b, t, s) that dominated the bias cost on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, index: Tensor, dtype: torch.dtype, row_multiple: int) -> Tensor:
+        num_buckets, heads = weight.shape
+        batch, rows, cols = index.shape
+        pad = -cols % row_multiple
+        if pad:  # padded columns read the -inf slot; they are sliced off below
+            index = F.pad(index, (0, pad), value=num_buckets)
+        source = torch.cat([weight.t(), weight.new_full((heads, 1), float("-inf"))], dim=1).to(dtype)
+        source = source[None, :, None, :].expand(batch, heads, rows, num_buckets + 1)
+        mask = torch.gather(source, 3, index[:, None].expand(batch, heads, rows, cols + pad))
+        ctx.save_for_backward(index[..., :cols])
+        ctx.num_buckets, ctx.weight_dtype = num_buckets, weight.dtype
+        return mask[..., :cols]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (index,) = ctx.saved_tensors  # [B|1, T, S]
+        batch, heads, rows, cols = grad.shape
+        # Accumulate in fp32 whatever the mask dtype, as the embedding backward did; blocked pairs land
+        # in the extra -inf slot, which is dropped. On CUDA scatter_add_ uses atomics (not bitwise
+        # deterministic unless torch.use_deterministic_algorithms is on).
+        sums = grad.new_zeros(batch, heads, rows, ctx.num_buckets + 1, dtype=torch.float32)
+        sums.scatter_add_(3, index[:, None].expand(batch, heads, rows, cols), grad.float())
+        weight_grad = sums.sum(dim=(0, 2))[:, : ctx.num_buckets].t()  # [nb, nh]
+        return weight_grad.to(ctx.weight_dtype), None, None, None
 
 
 class SDPAKernel:

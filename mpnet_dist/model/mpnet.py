@@ -16,7 +16,7 @@ from .attention import (
     RelativeSelfAttention,
     block_padding,
     get_kernel,
-    relative_position_bucket,
+    relative_buckets,
     sequential_buckets,
     two_stream_mask,
 )
@@ -98,10 +98,13 @@ class SentenceEncoder(nn.Module):
 
     def buckets(self, key_positions: Tensor, query_positions: Tensor) -> Tensor:
         """[B, S] and [B, T] positions -> [B, T, S] bucket ids of (key - query)."""
-        relative = key_positions[:, None, :] - query_positions[:, :, None]
         cfg = self.config
-        return relative_position_bucket(
-            relative, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+        return relative_buckets(
+            key_positions,
+            query_positions,
+            cfg.max_positions,
+            cfg.relative_attention_num_buckets,
+            cfg.relative_attention_max_distance,
         )
 
     def run_layers(self, x: Tensor, num_kv: int, buckets: Tensor, blocked: Tensor | None) -> Tensor:
