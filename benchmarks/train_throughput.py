@@ -20,6 +20,7 @@ MFU: FLOP formula in benchmarks/step_flops.py; CPU peak = best GEMM rate measure
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import shlex
@@ -95,6 +96,7 @@ def build_batches(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     return ours, hf
 
 
+@functools.lru_cache(maxsize=1)
 def load_before(rev: str) -> dict[str, object]:
     """The model, loss and step modules of `rev`, importable side by side with the working tree's."""
     root = Path(tempfile.mkdtemp(prefix="mpnet_before_")) / "mpnet_before"
@@ -109,11 +111,9 @@ def load_before(rev: str) -> dict[str, object]:
     (root / "__init__.py").write_text("")
     (root / "model" / "__init__.py").write_text("")
     sys.path.insert(0, str(root.parent))
-    return {
-        "config": importlib.import_module("mpnet_before.model.config"),
-        "mpnet": importlib.import_module("mpnet_before.model.mpnet"),
-        "step": importlib.import_module("mpnet_before.step"),
-    }
+    names = {"config": "model.config", "attention": "model.attention", "mpnet": "model.mpnet"}
+    names.update({"loss": "loss", "step": "step"})
+    return {key: importlib.import_module(f"mpnet_before.{name}") for key, name in names.items()}
 
 
 class Variant:
