@@ -70,10 +70,16 @@ def _workers(launcher: subprocess.Popen) -> list:
     """The launcher's two worker processes, by rank, once both run."""
     import psutil
 
+    def rank(proc) -> int | None:
+        try:
+            return int(proc.environ()["RANK"])
+        except (psutil.Error, KeyError):  # not a worker, or gone already
+            return None
+
     for _ in range(2400):
-        kids = [k for k in psutil.Process(launcher.pid).children() if "RANK" in k.environ()]
+        kids = [k for k in psutil.Process(launcher.pid).children() if rank(k) is not None]
         if len(kids) == 2:
-            return sorted(kids, key=lambda k: int(k.environ()["RANK"]))
+            return sorted(kids, key=rank)
         assert launcher.poll() is None, "the launcher exited before starting its workers"
         time.sleep(0.1)
     raise AssertionError("workers did not start")
