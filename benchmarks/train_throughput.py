@@ -52,7 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=30527)
     p.add_argument("--seq-len", type=int, default=128, help="L, tokens per row")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--dropout", type=float, default=0.1, help="all three dropouts, both models")
+    p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout, both models")
+    p.add_argument(
+        "--activation-dropout",
+        type=float,
+        default=0.0,
+        help="ours only: dropout after the FFN activation (HF MPNet has none; the trainer's default is 0.1)",
+    )
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--variants", default="ours,hf", help="comma list: ours, ours-eager, hf, before, ...")
@@ -139,7 +145,7 @@ class Variant:
             encoder_attention_heads=args.heads,
             dropout=args.dropout,
             attention_dropout=args.dropout,
-            activation_dropout=args.dropout,
+            activation_dropout=args.activation_dropout,
             max_positions=max(512, args.seq_len),
             attn_impl=impl or "sdpa",
         )
@@ -304,7 +310,7 @@ def report(args, argv, variants, times, flops, gemm_peaks, p, device) -> None:
     print(
         f"\nsize: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, ffn {args.ffn}, vocab {args.vocab}; "
         f"B={args.batch}, L={args.seq_len}, p={p} (two-stream rows L+2p={args.seq_len + 2 * p}), "
-        f"{args.precision}, dropout {args.dropout}, {args.device}; {args.repeats} reps x {args.steps} steps"
+        f"{args.precision}, dropout {args.dropout} (ours: activation dropout {args.activation_dropout}), {args.device}; {args.repeats} reps x {args.steps} steps"
     )
     print(
         f"peak for MFU ({source}): {peak_wall / 1e12:.3f} TFLOP/s wall, {peak_cpu / 1e12:.3f} TFLOP/s per "
