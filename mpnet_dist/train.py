@@ -63,15 +63,30 @@ class TrainState:
 
 
 class StopSignal:
-    """Signal handlers only set a flag; the ranks agree on stopping at the next step boundary."""
+    """Signal handlers only set a flag; the ranks agree on stopping at the next step boundary.
+
+    SIGUSR1/SIGTERM (SLURM, the launcher) and a first Ctrl-C ask for save-and-stop; a second Ctrl-C aborts.
+    """
 
     def __init__(self, run_dir: Path):
         self.requested = False
         self.file = run_dir / PREEMPT_FILE
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+        }
+
+    def close(self) -> None:
+        """Give the handlers back (training can run inside a larger program, e.g. a notebook or a test)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt  # the user insists: stop now, without saving
+        if signum == signal.SIGINT:
+            logger.warning(
+                "Ctrl-C: saving at the next step boundary and stopping (Ctrl-C again to abort now)"
+            )
         self.requested = True
 
     def poll(self) -> bool:
@@ -220,9 +235,16 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
 
 
 def _train_loop(cfg, accelerator, model, optimizer, data, state, writer, run_dir, resume_from) -> int:
+    stop = StopSignal(run_dir)
+    try:
+        return _run_steps(cfg, accelerator, model, optimizer, data, state, writer, run_dir, resume_from, stop)
+    finally:
+        stop.close()
+
+
+def _run_steps(cfg, accelerator, model, optimizer, data, state, writer, run_dir, resume_from, stop) -> int:
     from tqdm.auto import tqdm
 
-    stop = StopSignal(run_dir)
     warmup, eval_every = cfg.resolved_warmup(), cfg.resolved_eval_interval()
     bar = tqdm(
         total=cfg.total_updates,

@@ -92,7 +92,7 @@ def load_tokenizer(name_or_path: str, data_cache_dir: str | None = None) -> Any:
 
     path = str(builtin_tokenizer_dir(data_cache_dir)) if name_or_path == BUILTIN else name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never run a folder's code
     except Exception as e:  # OSError, HTTP errors, ValueError: all mean "cannot load that"
         raise DataError(
             f"--tokenizer-name {name_or_path!r} could not be loaded: {e}\n"

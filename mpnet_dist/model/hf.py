@@ -157,6 +157,27 @@ def to_hf(
     return hf.eval()
 
 
+def _load_hf_folder(path: str) -> transformers.MPNetForMaskedLM:
+    """MPNetForMaskedLM from a folder, refusing other model families and missing weights.
+
+    from_pretrained alone would load a BERT folder into MPNet with every weight freshly initialized.
+    """
+    model_type = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
+    if model_type != "mpnet":
+        raise ValueError(
+            f"{path} holds a {model_type!r} model, not MPNet; --hf-model-path needs an MPNet folder "
+            "(MPNetForMaskedLM or MPNetModel)"
+        )
+    hf, info = transformers.MPNetForMaskedLM.from_pretrained(path, output_loading_info=True)
+    # A bare MPNetModel folder lacks the LM head only: that head is initialized fresh (with a warning).
+    missing = [k for k in info["missing_keys"] if not k.startswith("lm_head.")]
+    if missing:
+        raise ValueError(f"{path} lacks weights MPNet needs ({', '.join(sorted(missing)[:5])} ...)")
+    if any(k.startswith("lm_head.") for k in info["missing_keys"]):
+        warnings.warn(f"{path} has no MLM head; the LM head is freshly initialized", stacklevel=3)
+    return hf
+
+
 def from_hf(
     path_or_model: str | Path | transformers.PreTrainedModel, **overrides: object
 ) -> MPNetForPretraining:
@@ -168,7 +189,7 @@ def from_hf(
     if bad:
         raise ValueError(f"from_hf: {bad} cannot be overridden; only {list(RUNTIME_FIELDS)}")
     if isinstance(path_or_model, (str, Path)):
-        hf = transformers.MPNetForMaskedLM.from_pretrained(str(path_or_model))
+        hf = _load_hf_folder(str(path_or_model))
     else:
         hf = path_or_model
     config = MPNetConfig.from_dict({**_config_from_hf(hf.config).to_dict(), **overrides})
