@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the MFU denominator")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory children")
-    p.add_argument("--profile", type=int, default=0, help="profile N steps of the first variant, then exit")
+    p.add_argument("--profile", type=int, default=0, help="profile N steps of each variant, then exit")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     for v in variants:
         run_steps(v, batches_of[v.name], args.warmup, 0, device)
     if args.profile:
-        profile(variants[0], batches_of[variants[0].name], args.profile, device)
+        profile(variants, batches_of, args.profile, device)
         return
     gemm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     # CPUs without AVX512-BF16/AMX run bf16 GEMMs ~100x slower than fp32: keep that probe short.
@@ -283,20 +283,27 @@ def main(argv: list[str] | None = None) -> None:
     report(args, argv, variants, times, flops, peaks, p, device)
 
 
-def profile(variant: Variant, batches: list[dict], steps: int, device: torch.device) -> None:
-    """Operator table of `steps` steps, by self time: where our step spends its time."""
+def profile(variants: list[Variant], batches_of: dict, steps: int, device: torch.device) -> None:
+    """Self time per operator and step, one column per variant: where each step spends its time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch_profile(activities=activities, record_shapes=True) as prof:
-        run_steps(variant, batches, steps, 0, device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(
-        prof.key_averages(group_by_input_shape=True).table(
-            sort_by=sort, row_limit=30, max_name_column_width=40
-        )
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    columns: dict[str, dict[str, float]] = {}
+    for v in variants:
+        with torch_profile(activities=activities) as prof:
+            run_steps(v, batches_of[v.name], steps, 0, device)
+        columns[v.name] = {e.key: getattr(e, attr) / 1e3 / steps for e in prof.key_averages()}
+    ops = sorted(
+        {k for c in columns.values() for k in c}, key=lambda k: -max(c.get(k, 0) for c in columns.values())
     )
+    print(f"\nself time per step, ms ({steps} profiled steps each)\n")
+    print("| op | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for op in ops[:30]:
+        print(f"| {op} | " + " | ".join(f"{c.get(op, 0.0):.1f}" for c in columns.values()) + " |")
+    print("| total | " + " | ".join(f"{sum(c.values()):.1f}" for c in columns.values()) + " |")
     print(f"end: {step_flops.load_line()}")
 
 
