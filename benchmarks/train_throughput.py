@@ -9,6 +9,7 @@ Variants (all built with the same sizes, same AdamW settings, clip 1.0, lr const
   hf                  transformers.MPNetForMaskedLM on the same L tokens per row, the same predicted
                       positions as labels (-100 elsewhere); HF runs its LM head on all L positions
   before[-sdpa|...]   ours, with mpnet_dist/model, loss.py and step.py as of git revision --before
+  <variant>+fused, <variant>+foreach   the same with torch.optim.AdamW(fused=True / foreach=True)
 Repetitions alternate the variants (rotating the order) so shared-machine load hits all of them alike;
 figures are medians over repetitions. tokens/s counts the L input tokens per row (no padding: packed).
 Peak memory comes from one fresh child process per variant: CUDA max_memory_allocated, or on CPU the
@@ -133,6 +134,7 @@ class Variant:
         from mpnet_dist.optim import build_optimizer
 
         self.name, self.accelerator = name, accelerator
+        name, _, adamw = name.partition("+")  # "+fused" / "+foreach": AdamW implementation override
         kind, _, impl = name.partition("-")
         modules = {"config": config_module, "mpnet": mpnet_module, "step": step_module}
         if kind == "before":
@@ -160,10 +162,15 @@ class Variant:
             beta1=0.9, beta2=0.98, adam_eps=1e-6, resolved_warmup=lambda: 0,
         )  # fmt: skip
         optimizer = build_optimizer(model, opt_cfg)
+        if adamw:  # same groups and hyper-parameters, other implementation
+            groups = [{k: g[k] for k in ("params", "weight_decay")} for g in optimizer.param_groups]
+            d = optimizer.defaults
+            optimizer = torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], **{adamw: True})
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.model.train()
         self.train_step = modules["step"].train_step
         self.step: Callable[[dict], None] = self.hf_step if kind == "hf" else self.ours_step
+        self.name, self.kind = (f"{name}+{adamw}" if adamw else name), kind
 
     def ours_step(self, batch: dict) -> None:
         self.train_step(self.accelerator, self.model, self.optimizer, [batch], LR, CLIP, False)
@@ -212,7 +219,7 @@ def memory_child(args: argparse.Namespace) -> None:
     accelerator = make_accelerator(args)
     variant = Variant(args.memory_child, args, accelerator)
     ours, hf = build_batches(args)
-    batches = hf if args.memory_child == "hf" else ours
+    batches = hf if variant.kind == "hf" else ours
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run_steps(variant, batches, args.warmup + 2, 0, device)
@@ -250,13 +257,13 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = make_accelerator(args)
     variants = [Variant(n, args, accelerator) for n in names]
     ours_batches, hf_batches = build_batches(args)
-    batches_of = {v.name: hf_batches if v.name == "hf" else ours_batches for v in variants}
+    batches_of = {v.name: hf_batches if v.kind == "hf" else ours_batches for v in variants}
     p = count_predictions(args.seq_len, 0.15)
     flops = {
         v.name: step_flops.mlm_step_flops(
             args.batch, args.seq_len, args.layers, args.hidden, args.ffn, args.vocab
         )
-        if v.name == "hf"
+        if v.kind == "hf"
         else step_flops.two_stream_step_flops(
             args.batch, args.seq_len, p, args.layers, args.hidden, args.ffn, args.vocab
         )
@@ -333,11 +340,16 @@ def report(args, argv, variants, times, flops, gemm_peaks, p, device) -> None:
         cpu = [t[1] for t in times[v.name]]
         w, c = statistics.median(wall), statistics.median(cpu)
         mem = "-" if args.no_memory else peak_memory(args, v.name, argv)
+        cpu_cells = (  # host CPU time says nothing about GPU work
+            "| - | - | - "
+            if device.type == "cuda"
+            else f"| {c * 1e3:.0f} ({min(cpu) * 1e3:.0f}-{max(cpu) * 1e3:.0f}) | {tokens / c:,.0f} "
+            f"| {flops[v.name] / c / peak_cpu:.1%} "
+        )
         print(
             f"| {v.name} | {v.params / 1e6:.1f}M | {w * 1e3:.0f} ({min(wall) * 1e3:.0f}-{max(wall) * 1e3:.0f}) "
-            f"| {tokens / w:,.0f} | {flops[v.name] / w / peak_wall:.1%} "
-            f"| {c * 1e3:.0f} ({min(cpu) * 1e3:.0f}-{max(cpu) * 1e3:.0f}) | {tokens / c:,.0f} "
-            f"| {flops[v.name] / c / peak_cpu:.1%} | {flops[v.name] / 1e12:.4f} | {mem} |"
+            f"| {tokens / w:,.0f} | {flops[v.name] / w / peak_wall:.1%} {cpu_cells}"
+            f"| {flops[v.name] / 1e12:.4f} | {mem} |"
         )
     base = args.baseline
     if base not in times:
@@ -346,7 +358,7 @@ def report(args, argv, variants, times, flops, gemm_peaks, p, device) -> None:
     for name in times:
         if name == base:
             continue
-        for label, k in (("wall", 0), ("CPU", 1)):
+        for label, k in (("wall", 0), ("CPU", 1))[: 1 if device.type == "cuda" else 2]:
             ratios = [a[k] / b[k] for a, b in zip(times[name], times[base], strict=True)]
             medians = statistics.median(t[k] for t in times[name]) / statistics.median(
                 t[k] for t in times[base]
