@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,11 +32,9 @@ from mpnet_dist.metrics import MetricsWriter, console_line, read_metrics, setup_
 from mpnet_dist.model_setup import build_model
 from mpnet_dist.optim import build_optimizer, lr_at
 from mpnet_dist.step import NonFiniteLossError, evaluate, train_step
+from mpnet_dist.stopping import PREEMPT_FILE, PREEMPTED_MARKER, StopSignal, stop_with_launcher
 
 logger = logging.getLogger("mpnet_dist")
-
-PREEMPT_FILE = "PREEMPT"  # touched by slurm/pretrain.sh (or a user) to ask for a save-and-stop
-PREEMPTED_MARKER = "PREEMPTED"  # written when the run stopped early after saving; the SLURM script requeues
 
 
 @dataclass
@@ -60,56 +56,6 @@ class TrainState:
             "elapsed_s": self.elapsed_s,
             **self.extra,
         }
-
-
-class StopSignal:
-    """Signal handlers only set a flag; the ranks agree on stopping at the next step boundary.
-
-    SIGUSR1/SIGTERM (SLURM, the launcher) and a first Ctrl-C ask for save-and-stop; a second Ctrl-C aborts.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.requested = False
-        self.file = run_dir / PREEMPT_FILE
-        self._previous = {
-            sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-        }
-
-    def close(self) -> None:
-        """Give the handlers back (training can run inside a larger program, e.g. a notebook or a test)."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.requested:
-            raise KeyboardInterrupt  # the user insists: stop now, without saving
-        if signum == signal.SIGINT:
-            logger.warning(
-                "Ctrl-C: saving at the next step boundary and stopping (Ctrl-C again to abort now)"
-            )
-        self.requested = True
-
-    def poll(self) -> bool:
-        return self.requested or self.file.exists()
-
-
-def stop_with_launcher() -> None:
-    """Under a launcher (accelerate launch, torchrun), have the kernel send us SIGTERM when it dies.
-
-    torch elastic starts each worker in its own session, so a launcher killed with SIGKILL (OOM killer, kill -9)
-    leaves the workers training on, unsupervised and still writing into the run directory. With this, its death
-    takes the preemption path instead: the ranks agree, save, write PREEMPTED and exit (before the handler is
-    installed SIGTERM simply ends the process, which has nothing to save yet).
-    """
-    if sys.platform != "linux" or "LOCAL_RANK" not in os.environ:
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
-        return  # not fatal: only the orphan protection is lost
-    if os.getppid() == 1:  # the launcher died before the request took effect
-        raise SystemExit("mpnet-dist train: the launcher exited during startup; nothing was trained")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,7 +117,7 @@ def multi_reference(tiny_corpus, tmp_path_factory):
 @pytest.mark.parametrize("victim", ["rank1", "launcher"])
 def test_sigkill_ends_the_job_and_resume_is_bitwise(victim, tiny_corpus, tmp_path, multi_reference):
     """rank1: torch elastic sees the death and tears the job down (exit != 0). launcher: the orphaned workers
-    get SIGTERM from the kernel (train.stop_with_launcher), save, write PREEMPTED and exit 0."""
+    get SIGTERM from the kernel (stopping.stop_with_launcher), save, write PREEMPTED and exit 0."""
     run_dir = tmp_path / "run"
     launcher = _launch(tiny_corpus, run_dir)
     workers = _workers(launcher)
