@@ -20,14 +20,15 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # fused AdamW only exists for CUDA tensors; foreach is the fast portable path.
-    fused = torch.cuda.is_available() and all(p.is_cuda for p in decay + no_decay)
+    # Fused AdamW (CPU and CUDA kernels, torch >= 2.4) is decided here, before Accelerate moves the model to
+    # its device, so it cannot key on where the parameters are now; it is faster than foreach on both.
+    fused = all(p.is_floating_point() for p in decay + no_decay)
     return torch.optim.AdamW(
         groups,
         lr=lr_at(1, cfg.lr, cfg.resolved_warmup(), cfg.total_updates, cfg.end_learning_rate, cfg.power),
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.adam_eps,
-        fused=fused or None,
+        fused=fused,
     )
 
 

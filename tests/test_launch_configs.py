@@ -137,3 +137,14 @@ def test_cpu_runnable_config_trains(config_runs, name, kind, world, stage, preci
         model_states = run_dir / "final" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
         zero = torch.load(model_states, weights_only=False)["ds_config"]["zero_optimization"]
         assert zero["offload_param"]["device"] == zero["offload_optimizer"]["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_zero1_checkpoint_exports_and_verifies(config_runs, tmp_path):
+    """ZeRO-1 is the one checkpoint kind test_export.py does not train itself: export its final checkpoint."""
+    from mpnet_dist.export import export_checkpoint
+    from tests.test_export import assert_loads_and_matches
+
+    run_dir, _ = config_runs["deepspeed_zero1"]
+    export_checkpoint(run_dir / "final", tmp_path / "hf")  # verifies itself; raises above tolerance
+    assert assert_loads_and_matches(tmp_path / "hf", run_dir / "final") < 1e-4
