@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from benchmarks.machine import cpu_model
 from mpnet_dist.data import permutation
 from mpnet_dist.data.batch import MaskingSpec, make_mpnet_batch
 
@@ -54,14 +55,6 @@ def measure(args: tuple, use_cython: bool, min_time: float, repeats: int) -> flo
             calls += 1
         per_call.append(elapsed / calls)
     return float(np.median(per_call))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from benchmarks.machine import cpu_model  # noqa: E402
 from mpnet_dist.data import (  # noqa: E402
     build_data,
     load_tokenizer,
@@ -38,14 +39,6 @@ from mpnet_dist.data.corpus import materialize_builtin_corpus  # noqa: E402
 from mpnet_dist.data.packing import build_block_cache  # noqa: E402
 from mpnet_dist.data.sources import list_train_files, read_documents  # noqa: E402
 from mpnet_dist.data.tokenizer import Encoder, fingerprint  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def config(cache: str, args: argparse.Namespace, **kw) -> argparse.Namespace:

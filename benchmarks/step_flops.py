@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from benchmarks.machine import cpu_model
+
 # Dense bf16 tensor-core peaks from the vendors' spec sheets (no sparsity), for MFU on GPUs.
 GPU_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -80,14 +82,6 @@ def spec_peak_flops(device: torch.device) -> float | None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def machine_line(device: torch.device) -> str:

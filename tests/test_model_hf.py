@@ -8,27 +8,12 @@ import pytest
 import torch
 import transformers
 
-from mpnet_dist.model import HFExportError, MPNetConfig, MPNetForPretraining, from_hf, to_hf
+from mpnet_dist.model import HFExportError, MPNetForPretraining, from_hf, to_hf
+from tests.test_model import tiny_config
 
 PAD = 1
 TOKENIZER_VOCAB = 100  # token ids stay below this; both models carry a vocab padded to 128
 TOLERANCE = 1e-5
-
-
-def tiny_config(**overrides) -> MPNetConfig:
-    settings = dict(
-        vocab_size=128,
-        encoder_layers=2,
-        encoder_embed_dim=32,
-        encoder_ffn_dim=64,
-        encoder_attention_heads=4,
-        max_positions=40,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-    )
-    settings.update(overrides)
-    return MPNetConfig(**settings)
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:
