@@ -6,6 +6,7 @@ then runs optimizer steps until --total-updates, evaluating, checkpointing and l
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -129,22 +130,7 @@ def run(cfg: TrainConfig) -> int:
         model.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    state = TrainState()
-    if resume_from is not None:
-        train_state, data_state = load_checkpoint(accelerator, resume_from, trust=cfg.trust_checkpoint)
-        if data_state is not None:
-            data.train.load_state_dict(data_state)
-        state = TrainState(
-            step=train_state["step"],
-            tokens=train_state["tokens"],
-            pred_tokens=train_state["pred_tokens"],
-            best_valid_loss=train_state["best_valid_loss"]
-            if train_state["best_valid_loss"] is not None
-            else math.inf,
-            elapsed_s=train_state.get("elapsed_s", 0.0),
-            last_eval_step=train_state["step"],
-        )
-        logger.info("resumed from %s at step %d", resume_from, state.step)
+    state = _restore(accelerator, data, resume_from, cfg.trust_checkpoint) if resume_from else TrainState()
     state.extra = {
         "model_config": accelerator.unwrap_model(model).config.to_dict(),
         "tokenizer_name": cfg.tokenizer_name,
@@ -170,13 +156,28 @@ def run(cfg: TrainConfig) -> int:
         writer.close()
 
 
+def _restore(accelerator, data, resume_from: Path, trust: bool) -> TrainState:
+    """Load the checkpoint into the prepared model/optimizer and the data loader; return the train state."""
+    train_state, data_state = load_checkpoint(accelerator, resume_from, trust=trust)
+    if data_state is not None:
+        data.train.load_state_dict(data_state)
+    best = train_state["best_valid_loss"]
+    logger.info("resumed from %s at step %d", resume_from, train_state["step"])
+    return TrainState(
+        step=train_state["step"],
+        tokens=train_state["tokens"],
+        pred_tokens=train_state["pred_tokens"],
+        best_valid_loss=best if best is not None else math.inf,
+        elapsed_s=train_state.get("elapsed_s", 0.0),
+        last_eval_step=train_state["step"],
+    )
+
+
 def _truncate_metrics(run_dir: Path, step: int) -> None:
     """A resumed run re-does the steps after its checkpoint: drop their old records so each step appears once."""
     records = read_metrics(run_dir)
     kept = [r for r in records if r["step"] <= step]
     if len(kept) != len(records):
-        import json
-
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
