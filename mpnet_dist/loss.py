@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-IGNORE = -100  # targets of slots that predict nothing (padding in one-document-per-row mode)
-LN2 = math.log(2.0)
+IGNORE = -100  # targets of slots that predict nothing (same value as data.batch.IGNORE_INDEX)
 
 
 def prediction_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +49,3 @@ class _SummedCrossEntropy(torch.autograd.Function):
         # Ignored rows get exactly 0 even when grad is NaN/Inf, as autograd's nll_loss backward gives them.
         grad_logits.mul_(torch.where(valid, grad, 0.0)[:, None])
         return grad_logits.to(ctx.logits_dtype), None
-
-
-def count_predictions(targets: torch.Tensor) -> int:
-    return int((targets != IGNORE).sum())
