@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from mpnet_dist.checkpoint import CheckpointError, is_complete, latest_checkpoint, read_train_state
 from mpnet_dist.model import MPNetConfig, MPNetForPretraining
-from mpnet_dist.model.hf import WRAPPER_PREFIXES
+from mpnet_dist.model.hf import strip_wrapper_prefixes
 
 logger = logging.getLogger("mpnet_dist")
 
@@ -98,19 +98,6 @@ def load_complete_state_dict(model: nn.Module, state_dict: dict[str, Tensor], so
             f"(missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}); the checkpoint is "
             "damaged or was written by a different model"
         )
-
-
-def strip_wrapper_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
-    for key, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix) :], True
-        out[key] = value
-    return out
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:

@@ -102,7 +102,7 @@ def hf_config(config: MPNetConfig, bos_token_id: int = 0, eos_token_id: int = 2)
 
 def to_hf_state_dict(state_dict: dict[str, Tensor], config: MPNetConfig) -> dict[str, Tensor]:
     """Our names -> HF names; clean contiguous CPU copies, tied tensors written under both names."""
-    sd = _strip_prefixes(state_dict)
+    sd = strip_wrapper_prefixes(state_dict)
     out = {hf: sd[ours] for ours, hf in _STATIC_KEYS.items()}
     dim = config.encoder_embed_dim
     for i in range(config.encoder_layers):
@@ -121,7 +121,7 @@ def to_hf_state_dict(state_dict: dict[str, Tensor], config: MPNetConfig) -> dict
 
 def from_hf_state_dict(state_dict: dict[str, Tensor], config: MPNetConfig) -> dict[str, Tensor]:
     """HF names -> our names (the tied LM-head weight appears under both of ours)."""
-    sd = _strip_prefixes(state_dict)
+    sd = strip_wrapper_prefixes(state_dict)
     out = {ours: sd[hf] for ours, hf in _STATIC_KEYS.items()}
     for i in range(config.encoder_layers):
         ours, hf = f"{_ENC}layers.{i}.", f"{_HF_LAYER}{i}."
@@ -237,11 +237,15 @@ def _config_from_hf(hf_cfg: transformers.MPNetConfig) -> MPNetConfig:
     )
 
 
-def _strip_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+def strip_wrapper_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop torch.compile / DDP wrapper prefixes, in any order and nesting ("module._orig_mod.x" -> "x")."""
     out = {}
     for key, value in state_dict.items():
-        for prefix in WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
         out[key] = value
     return out
