@@ -214,9 +214,9 @@ def _deepspeed_weights_only(enabled: bool) -> Iterator[None]:
         return
     from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
 
-    from mpnet_dist.consolidate import _deepspeed_loads  # the allow-list the offline export uses
+    from mpnet_dist.consolidate import deepspeed_safe_loads  # the same allow-list as the offline export
 
-    with _deepspeed_loads(torch_checkpoint_engine, trust=False):
+    with deepspeed_safe_loads(torch_checkpoint_engine, trust=False):
         yield
 
 

@@ -124,7 +124,7 @@ def read_deepspeed_weights(path: Path, trust: bool) -> dict[str, Tensor]:
         raise CheckpointError(
             f"{path} is a DeepSpeed checkpoint: reading it needs `pip install deepspeed` ({err})"
         ) from err
-    with _deepspeed_loads(zero_to_fp32, trust):
+    with deepspeed_safe_loads(zero_to_fp32, trust):
         try:
             return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
         except pickle.UnpicklingError as err:
@@ -144,8 +144,9 @@ _DEEPSPEED_SAFE_GLOBALS = (
 
 
 @contextlib.contextmanager
-def _deepspeed_loads(module: Any, trust: bool) -> Iterator[None]:
-    """zero_to_fp32 loads with weights_only=False; unless trusted, force weights-only with an allow-list."""
+def deepspeed_safe_loads(module: Any, trust: bool) -> Iterator[None]:
+    """DeepSpeed modules (zero_to_fp32, the checkpoint engine) load with weights_only=False; unless trusted,
+    force weights-only on `module`'s torch with an allow-list of DeepSpeed's own objects."""
     if trust:
         yield
         return
