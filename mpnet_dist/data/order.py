@@ -2,6 +2,9 @@
 
 import numpy as np
 
+from mpnet_dist.data.permutation import GAMMA
+from mpnet_dist.data.permutation import mix64 as finalize64
+
 _M64 = (1 << 64) - 1
 _ROUNDS = 4
 
@@ -23,11 +26,8 @@ def mix_key(*parts: int) -> int:
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer on a uint64 array; a bijection, so distinct inputs give distinct outputs."""
-    x = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+    """splitmix64 (golden-ratio step, then the batch builder's finalizer) on a uint64 array; a bijection."""
+    return finalize64(np.asarray(x, dtype=np.uint64) + GAMMA)
 
 
 def row_seeds(seed: int, tag: int, positions: np.ndarray) -> np.ndarray:
