@@ -6,7 +6,10 @@ from typing import Any
 
 import torch
 
-IGNORE = -100  # targets of slots that predict nothing (same value as data.batch.IGNORE_INDEX)
+from mpnet_dist.data.batch import IGNORE_INDEX
+
+# Target of slots that predict nothing (padding in one-document-per-row mode), as the batch builder writes it.
+IGNORE = IGNORE_INDEX
 
 
 def prediction_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
