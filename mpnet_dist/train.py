@@ -19,7 +19,9 @@ from accelerate.utils import set_seed
 
 from mpnet_dist import __version__
 from mpnet_dist.checkpoint import (
+    TRAIN_STATE_FILE,
     CheckpointError,
+    TrainState,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -39,24 +41,26 @@ logger = logging.getLogger("mpnet_dist")
 
 
 @dataclass
-class TrainState:
+class Progress:
+    """The counters that advance with every step and are saved in train_state.json."""
+
     step: int = 0
     tokens: int = 0  # non-padding input tokens, all ranks
     pred_tokens: int = 0  # predicted tokens, all ranks
     best_valid_loss: float = math.inf
     elapsed_s: float = 0.0
     last_eval_step: int = -1
-    extra: dict = field(default_factory=dict)
+    run: dict = field(default_factory=dict)  # the rest of TrainState: what the run is, fixed at its start
 
-    def to_json(self) -> dict:
-        return {
-            "step": self.step,
-            "tokens": self.tokens,
-            "pred_tokens": self.pred_tokens,
-            "best_valid_loss": self.best_valid_loss if math.isfinite(self.best_valid_loss) else None,
-            "elapsed_s": self.elapsed_s,
-            **self.extra,
-        }
+    def train_state(self) -> TrainState:
+        return TrainState(
+            step=self.step,
+            tokens=self.tokens,
+            pred_tokens=self.pred_tokens,
+            best_valid_loss=self.best_valid_loss,
+            elapsed_s=self.elapsed_s,
+            **self.run,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +83,7 @@ def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
             )
         if not path.is_dir():
             raise CheckpointError(f"--resume-checkpoint {path}: no such folder")
-        if not (path / "train_state.json").is_file() and (path / "config.json").is_file():
+        if not (path / TRAIN_STATE_FILE).is_file() and (path / "config.json").is_file():
             raise CheckpointError(
                 f"--resume-checkpoint {path} is a Hugging Face model folder, not an mpnet-dist checkpoint: to "
                 f"start from its weights use --hf-model-path {path} (a new run, fresh optimizer) instead."
@@ -113,8 +117,8 @@ def run(cfg: TrainConfig) -> int:
 
     tokenizer = load_tokenizer(cfg.tokenizer_name, cfg.data_cache_dir)
     saved = read_train_state(resume_from) if resume_from else None
-    if saved is not None:
-        check_vocab(tokenizer, saved["tokenizer_size"])
+    if saved is not None and saved.tokenizer_size is not None:
+        check_vocab(tokenizer, saved.tokenizer_size)
     model = build_model(cfg, tokenizer, saved)
     # Same weights everywhere, but each rank its own dropout masks (seed + rank); a resumed run restores
     # every rank's RNG from the checkpoint instead.
@@ -130,8 +134,8 @@ def run(cfg: TrainConfig) -> int:
         model.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    state = _restore(accelerator, data, resume_from, cfg.trust_checkpoint) if resume_from else TrainState()
-    state.extra = {
+    state = _restore(accelerator, data, resume_from, cfg.trust_checkpoint) if resume_from else Progress()
+    state.run = {
         "model_config": accelerator.unwrap_model(model).config.to_dict(),
         "tokenizer_name": cfg.tokenizer_name,
         "tokenizer_size": len(tokenizer),
@@ -156,20 +160,19 @@ def run(cfg: TrainConfig) -> int:
         writer.close()
 
 
-def _restore(accelerator, data, resume_from: Path, trust: bool) -> TrainState:
-    """Load the checkpoint into the prepared model/optimizer and the data loader; return the train state."""
-    train_state, data_state = load_checkpoint(accelerator, resume_from, trust=trust)
+def _restore(accelerator, data, resume_from: Path, trust: bool) -> Progress:
+    """Load the checkpoint into the prepared model/optimizer and the data loader; return the progress."""
+    saved, data_state = load_checkpoint(accelerator, resume_from, trust=trust)
     if data_state is not None:
         data.train.load_state_dict(data_state)
-    best = train_state["best_valid_loss"]
-    logger.info("resumed from %s at step %d", resume_from, train_state["step"])
-    return TrainState(
-        step=train_state["step"],
-        tokens=train_state["tokens"],
-        pred_tokens=train_state["pred_tokens"],
-        best_valid_loss=best if best is not None else math.inf,
-        elapsed_s=train_state.get("elapsed_s", 0.0),
-        last_eval_step=train_state["step"],
+    logger.info("resumed from %s at step %d", resume_from, saved.step)
+    return Progress(
+        step=saved.step,
+        tokens=saved.tokens,
+        pred_tokens=saved.pred_tokens,
+        best_valid_loss=saved.best_valid_loss,
+        elapsed_s=saved.elapsed_s,
+        last_eval_step=saved.step,
     )
 
 
@@ -260,9 +263,11 @@ def _run_steps(cfg, accelerator, model, optimizer, data, state, writer, run_dir,
         _write_eval(writer, state, "test", test)
     _save(accelerator, data, state, run_dir, "final")
     if cfg.export_hf_dir:
+        from mpnet_dist.data import load_tokenizer
         from mpnet_dist.export import export_from_training
 
-        export_from_training(accelerator, model, cfg, Path(cfg.export_hf_dir))
+        tokenizer = load_tokenizer(cfg.tokenizer_name, cfg.data_cache_dir)
+        export_from_training(accelerator, model, tokenizer, Path(cfg.export_hf_dir))
     logger.info("done: %d steps, %s tokens in %.0fs", state.step, f"{state.tokens:,}", state.elapsed_s)
     return 0
 
@@ -345,7 +350,7 @@ def _validate(accelerator, cfg, model, data, state, writer, run_dir, bar) -> Non
 
 
 def _save(accelerator, data, state, run_dir: Path, name: str) -> None:
-    save_checkpoint(accelerator, run_dir, name, state.to_json(), data.train.state_dict())
+    save_checkpoint(accelerator, run_dir, name, state.train_state(), data.train.state_dict())
 
 
 if __name__ == "__main__":
