@@ -145,11 +145,6 @@ class TrainConfig:
             return self.checkpoint_interval if self.checkpoint_interval > 0 else 5000
         return self.eval_interval_steps if self.eval_interval_steps > 0 else self.total_updates
 
-    def resolved_dataset_name(self) -> str | None:
-        if self.train_dir:
-            return None
-        return self.dataset_name or "HuggingFaceFW/fineweb-edu"
-
     def validate(self) -> None:
         problems = []
         positive = (

@@ -129,7 +129,7 @@ def run(cfg: TrainConfig) -> int:
         check_exportable(model.config)  # refuse now, not after days of training
     optimizer = build_optimizer(model, cfg)
     data = build_data(cfg, tokenizer, accelerator.process_index, accelerator.num_processes)
-    logger.info("data: %s", getattr(data, "source_info", "ready"))
+    logger.info("data: %s", data.source_info)
     if cfg.compile:
         model.compile()
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mpnet_dist.config import parse_config
-from mpnet_dist.loss import IGNORE, prediction_loss
+from mpnet_dist.data.batch import IGNORE_INDEX
+from mpnet_dist.loss import prediction_loss
 from mpnet_dist.optim import build_optimizer, lr_at
 
 
@@ -29,7 +30,7 @@ def test_weight_decay_skips_biases_and_norms():
 
 def test_loss_is_a_sum_over_real_targets_only():
     logits = torch.randn(2, 3, 7)
-    targets = torch.tensor([[1, 2, IGNORE], [3, IGNORE, IGNORE]])
+    targets = torch.tensor([[1, 2, IGNORE_INDEX], [3, IGNORE_INDEX, IGNORE_INDEX]])
     loss_sum, correct = prediction_loss(logits, targets)
     log_probs = logits.log_softmax(-1)
     expected = -(log_probs[0, 0, 1] + log_probs[0, 1, 2] + log_probs[1, 0, 3])

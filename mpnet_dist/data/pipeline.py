@@ -26,7 +26,6 @@ class Data:
     valid: EvalBatches | None
     test: EvalBatches | None
     spec: Any  # the MaskingSpec every batch was built with
-    vocab_size: int
     source_info: str
 
 
@@ -95,7 +94,7 @@ def _file_data(cfg, tokenizer, spec, rank, world_size, train_dir, valid_file, te
         f"{len(files)} file(s) in {train_dir}: {blocks.meta['n_docs']} documents, {blocks.n_tokens} tokens, "
         f"{blocks.n_rows} rows of <= {cfg.max_tokens} tokens ({mode}); cache {blocks.path}"
     )
-    return Data(train, evals.get("valid"), evals.get("test"), spec, len(tokenizer), info)
+    return Data(train, evals.get("valid"), evals.get("test"), spec, info)
 
 
 def _check_train_size(blocks: Blocks, batch_size: int, world_size: int, what: str) -> None:
@@ -168,7 +167,7 @@ def _stream_data(cfg, tokenizer, spec, rank, world_size) -> Data:
         f"{plan.n_readers} reader(s), {layout}; {len(valid_docs)} valid / {len(test_docs)} test documents "
         f"taken before shuffling; shuffle chunks of {plan.buffer_size} documents"
     )
-    return Data(train, evals.get("valid"), evals.get("test"), spec, len(tokenizer), info)
+    return Data(train, evals.get("valid"), evals.get("test"), spec, info)
 
 
 def _source_id(cfg: Any, name: str) -> str:
