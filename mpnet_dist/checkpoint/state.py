@@ -62,7 +62,7 @@ def _from_dict(cls: type, data: Any, source: str, skip: tuple[str, ...] = ()) ->
 
 @dataclass(kw_only=True)
 class TrainState:
-    """train_state.json. Field order is the order on disk."""
+    """train_state.json. Field order is the order on disk (format_version is written before world_size)."""
 
     FORMAT_VERSION: ClassVar[int] = 1
 
@@ -83,8 +83,8 @@ class TrainState:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["best_valid_loss"] = self.best_valid_loss if math.isfinite(self.best_valid_loss) else None
-        data["format_version"] = self.FORMAT_VERSION
-        return data
+        world_size = data.pop("world_size")  # version 1's key order: ..., format_version, world_size
+        return {**data, "format_version": self.FORMAT_VERSION, "world_size": world_size}
 
     @classmethod
     def from_json(cls, data: Any, source: str) -> TrainState:
