@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from mpnet_dist.checkpoint import BlocksDataState, CheckpointError, StreamDataState, TrainState, read_train_state
+from mpnet_dist.checkpoint import (
+    BlocksDataState,
+    CheckpointError,
+    StreamDataState,
+    TrainState,
+    read_train_state,
+)
 from mpnet_dist.checkpoint.state import (
     read_data_state,
     write_data_state,
