@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from mpnet_dist.config import ConfigError, TrainConfig, build_parser, load_yaml, parse_config
+from mpnet_dist.config import ConfigError, TrainConfig, build_parser, dump_yaml, load_yaml, parse_config
+from mpnet_dist.data.pipeline import DEFAULT_DATASET
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +47,7 @@ def test_derived_defaults_follow_reference_rules():
     assert cfg.resolved_warmup() == 100
     assert cfg.resolved_eval_interval() == 5000
     assert cfg.resolved_max_positions() == 512
-    assert cfg.resolved_dataset_name() == "HuggingFaceFW/fineweb-edu"
+    assert DEFAULT_DATASET == "HuggingFaceFW/fineweb-edu"  # without --train-dir or --dataset-name
     assert parse_config(["--checkpoint-interval", "50"]).resolved_eval_interval() == 50
     assert parse_config(["--eval-interval-steps", "0", "--total-updates", "9"]).resolved_eval_interval() == 9
 
@@ -115,3 +117,36 @@ def test_help_lists_every_flag():
     text = build_parser().format_help()
     for name in REFERENCE_DEFAULTS:
         assert "--" + name.replace("_", "-") in text
+
+
+def test_settings_from_environment_variables_are_fields_and_land_in_config_yaml(tmp_path, monkeypatch):
+    for variable in ("MPNET_DIST_TIMEOUT_S", "MPNET_DIST_DEEPSPEED_OVERRIDES", "MPNET_DIST_CACHE"):
+        monkeypatch.delenv(variable, raising=False)
+    cfg = parse_config([])
+    assert (cfg.dist_timeout_s, cfg.deepspeed_overrides, cfg.data_cache_dir) == (1800, None, "~/.cache/mpnet_dist")
+    monkeypatch.setenv("MPNET_DIST_TIMEOUT_S", "120")
+    monkeypatch.setenv("MPNET_DIST_DEEPSPEED_OVERRIDES", '{"zero_optimization": {"stage": 3}}')
+    monkeypatch.setenv("MPNET_DIST_CACHE", str(tmp_path / "cache"))
+    cfg = parse_config([])
+    dump_yaml(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["dist_timeout_s"] == 120 and saved["data_cache_dir"] == str(tmp_path / "cache")
+    assert saved["deepspeed_overrides"] == '{"zero_optimization": {"stage": 3}}'
+    assert TrainConfig(**saved) == cfg  # the saved file reproduces the run's settings
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dist-timeout-s: 300\n")
+    assert parse_config(["--config", str(recipe)]).dist_timeout_s == 300  # a recipe beats the variable
+    assert parse_config(["--dist-timeout-s", "60", "--data-cache-dir", "c"]).dist_timeout_s == 60
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("MPNET_DIST_TIMEOUT_S", "soon", r"\$MPNET_DIST_TIMEOUT_S \(sets --dist-timeout-s\): .*expected int"),
+        ("MPNET_DIST_DEEPSPEED_OVERRIDES", "{stage: 3}", "--deepspeed-overrides .* must be a JSON object"),
+    ],
+)
+def test_bad_environment_values_name_the_variable_or_flag(monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=message):
+        parse_config([])
