@@ -139,7 +139,7 @@ class TrainConfig:
     deepspeed_overrides: str | None = _opt(
         None,
         "JSON object merged into the DeepSpeed config before prepare(), for knobs the Accelerate YAML cannot "
-        "express, e.g. '{\"zero_optimization\": {\"stage3_param_persistence_threshold\": 0}}' "
+        'express, e.g. \'{"zero_optimization": {"stage3_param_persistence_threshold": 0}}\' '
         "(default $MPNET_DIST_DEEPSPEED_OVERRIDES).",
     )
     max_nonfinite_skips: int = _opt(
@@ -221,10 +221,12 @@ class TrainConfig:
                 problems.append(f"{flag(name)} must be >= 0 (got {getattr(self, name)})")
         if self.dist_timeout_s < 1:
             problems.append(f"{flag('dist_timeout_s')} must be >= 1 (got {self.dist_timeout_s})")
-        if self.deepspeed_overrides is not None and not isinstance(_json_object(self.deepspeed_overrides), dict):
+        if self.deepspeed_overrides is not None and not isinstance(
+            _json_object(self.deepspeed_overrides), dict
+        ):
             problems.append(
                 f"{flag('deepspeed_overrides')} (or ${ENV_DEFAULTS['deepspeed_overrides'][0]}) must be a JSON object "
-                f"such as '{{\"zero_optimization\": {{\"stage3_param_persistence_threshold\": 0}}}}', got "
+                f'such as \'{{"zero_optimization": {{"stage3_param_persistence_threshold": 0}}}}\', got '
                 f"{self.deepspeed_overrides!r}"
             )
         if self.keep_checkpoints < -1:
