@@ -219,16 +219,7 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{flag(name)} must be >= 0 (got {getattr(self, name)})")
-        if self.dist_timeout_s < 1:
-            problems.append(f"{flag('dist_timeout_s')} must be >= 1 (got {self.dist_timeout_s})")
-        if self.deepspeed_overrides is not None and not isinstance(
-            _json_object(self.deepspeed_overrides), dict
-        ):
-            problems.append(
-                f"{flag('deepspeed_overrides')} (or ${ENV_DEFAULTS['deepspeed_overrides'][0]}) must be a JSON object "
-                f'such as \'{{"zero_optimization": {{"stage3_param_persistence_threshold": 0}}}}\', got '
-                f"{self.deepspeed_overrides!r}"
-            )
+        problems += self._distributed_problems()
         if self.keep_checkpoints < -1:
             problems.append(f"{flag('keep_checkpoints')} must be -1 (keep all) or >= 0")
         if self.clip_grad_norm < 0 or not math.isfinite(self.lr) or self.lr <= 0:
@@ -245,6 +236,20 @@ class TrainConfig:
             )
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+    def _distributed_problems(self) -> list[str]:
+        problems = []
+        if self.dist_timeout_s < 1:
+            problems.append(f"{flag('dist_timeout_s')} must be >= 1 (got {self.dist_timeout_s})")
+        if self.deepspeed_overrides is not None and not isinstance(
+            _json_object(self.deepspeed_overrides), dict
+        ):
+            problems.append(
+                f"{flag('deepspeed_overrides')} (or ${ENV_DEFAULTS['deepspeed_overrides'][0]}) must be a JSON object "
+                f'such as \'{{"zero_optimization": {{"stage3_param_persistence_threshold": 0}}}}\', got '
+                f"{self.deepspeed_overrides!r}"
+            )
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
