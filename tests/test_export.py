@@ -20,11 +20,9 @@ from safetensors.torch import load_file
 
 from mpnet_dist.checkpoint import BlocksDataState, TrainState, save_checkpoint
 from mpnet_dist.export import INFO_FILE, convert_to_hf_main, main
-from mpnet_dist.export.check import check_batch
 from mpnet_dist.export.weights import load_checkpoint_model
 from mpnet_dist.model import MPNetConfig, MPNetForPretraining
-from tests.corpus import reset_accelerate
-from tests.test_train import tiny_args, train
+from tests.helpers import assert_loads_and_matches, reset_accelerate, tiny_args, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "launch_configs" / "accelerate"
@@ -60,22 +58,6 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-
-
-def assert_loads_and_matches(folder: Path, checkpoint: Path | MPNetForPretraining) -> float:
-    """Independent of the exporter's own check: reload offline, no key problems, tied, same logits."""
-    hf, info = transformers.AutoModelForMaskedLM.from_pretrained(
-        str(folder), dtype=torch.float32, output_loading_info=True, local_files_only=True
-    )
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert hf.lm_head.decoder.weight.data_ptr() == hf.mpnet.embeddings.word_embeddings.weight.data_ptr()
-    ours = checkpoint if isinstance(checkpoint, MPNetForPretraining) else load_checkpoint_model(checkpoint)[0]
-    ids, mask = check_batch(ours.config, None)
-    with torch.no_grad():
-        diff = (ours.mlm_logits(ids, mask) - hf.eval()(input_ids=ids, attention_mask=mask).logits).abs()
-    worst = diff[mask.bool()].max().item()
-    assert worst < 1e-4, worst
-    return worst
 
 
 # The data state of a checkpoint the tests write by hand (export never reads it).

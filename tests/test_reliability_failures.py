@@ -20,8 +20,16 @@ import torch
 from mpnet_dist.checkpoint import CheckpointError, TrainState, latest_checkpoint
 from mpnet_dist.checkpoint import state as checkpoint_state
 from mpnet_dist.checkpoint.writer import swap_into_place
-from tests.test_distributed import CONFIGS, finish, launch_cmd, launch_env
-from tests.test_train import final_weights, tiny_args, train, train_losses
+from tests.helpers import (
+    CONFIGS,
+    final_weights,
+    finish,
+    launch_cmd,
+    launch_env,
+    tiny_args,
+    train,
+    train_losses,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

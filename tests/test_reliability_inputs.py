@@ -20,7 +20,7 @@ from mpnet_dist import train as train_module
 from mpnet_dist.checkpoint import CheckpointError, latest_checkpoint, read_train_state
 from mpnet_dist.checkpoint.weights_only import deepspeed_engine_weights_only, refuse_pickles
 from mpnet_dist.data import DataError, load_tokenizer
-from tests.test_train import final_weights, tiny_args, train
+from tests.helpers import final_weights, tiny_args, train
 
 # ---- 3. NaN / Inf policy -----------------------------------------------------------------------------------------
 
