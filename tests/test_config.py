@@ -25,7 +25,7 @@ REFERENCE_DEFAULTS = {
     "debug": False, "seed": 12345, "num_workers": 0, "compile": False, "resume": False,
     "resume_checkpoint": None, "trust_checkpoint": False, "hf_model_path": None, "save_optimizer_state": False,
     "wandb": False, "wandb_project": "annotated-mpnet", "wandb_name": None, "wandb_id": None, "wandb_watch": False,
-}
+}  # fmt: skip
 
 
 def test_every_reference_flag_exists_with_its_default():
@@ -36,7 +36,7 @@ def test_every_reference_flag_exists_with_its_default():
 
 def test_reference_aliases_parse():
     cfg = parse_config(["-gc_steps", "4", "--save_steps", "100", "-wd", "0.1", "-prenorm", "-warmup_steps", "7",
-                        "--logging_steps", "3", "-grad_clip", "0.5", "-end_lr", "1e-5", "-activation", "relu"])
+                        "--logging_steps", "3", "-grad_clip", "0.5", "-end_lr", "1e-5", "-activation", "relu"])  # fmt: skip
     assert (cfg.update_freq, cfg.checkpoint_interval, cfg.weight_decay) == (4, 100, 0.1)
     assert cfg.normalize_before and cfg.warmup_updates == 7 and cfg.logging_steps == 3
     assert (cfg.clip_grad_norm, cfg.end_learning_rate, cfg.activation_fn) == (0.5, 1e-5, "relu")
@@ -107,7 +107,9 @@ def test_resume_checkpoint_implies_resume_and_empty_dataset_is_unset():
     assert cfg.resume and cfg.dataset_name is None
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "launch_configs" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "recipe", sorted((ROOT / "launch_configs" / "recipes").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_recipes_validate(recipe):
     cfg = parse_config(["--config", str(recipe)])
     assert isinstance(cfg, TrainConfig)
@@ -123,7 +125,8 @@ def test_settings_from_environment_variables_are_fields_and_land_in_config_yaml(
     for variable in ("MPNET_DIST_TIMEOUT_S", "MPNET_DIST_DEEPSPEED_OVERRIDES", "MPNET_DIST_CACHE"):
         monkeypatch.delenv(variable, raising=False)
     cfg = parse_config([])
-    assert (cfg.dist_timeout_s, cfg.deepspeed_overrides, cfg.data_cache_dir) == (1800, None, "~/.cache/mpnet_dist")
+    defaults = (1800, None, "~/.cache/mpnet_dist")
+    assert (cfg.dist_timeout_s, cfg.deepspeed_overrides, cfg.data_cache_dir) == defaults
     monkeypatch.setenv("MPNET_DIST_TIMEOUT_S", "120")
     monkeypatch.setenv("MPNET_DIST_DEEPSPEED_OVERRIDES", '{"zero_optimization": {"stage": 3}}')
     monkeypatch.setenv("MPNET_DIST_CACHE", str(tmp_path / "cache"))

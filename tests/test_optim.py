@@ -1,6 +1,5 @@
 """Learning-rate schedule, weight-decay groups and the token-normalized loss."""
 
-
 import pytest
 import torch
 

@@ -5,7 +5,8 @@
     data_state_rank{r}.pt   BlocksDataState (local files) or StreamDataState (streaming): rank r's data
                             position, torch.save of plain ints and strings, loaded weights-only
 
-Every writer and reader goes through this module; nothing else spells a key of these files. Each file carries
+Every writer and reader goes through this module; nothing else spells a key of these files (a stream reader's
+position inside StreamDataState.readers is defined by data/stream.py, `start_state`). Each file carries
 `format_version` (data state files written before it existed are version 1). A version this code does not
 know is refused with a message naming the file. The rest of a checkpoint (model, optimizer, RNG) is written by
 Accelerate/DeepSpeed in their own formats.
