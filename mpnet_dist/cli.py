@@ -5,9 +5,17 @@ from __future__ import annotations
 import importlib
 import sys
 
+from mpnet_dist import __version__
+from mpnet_dist.command import EXIT_USER_ERROR, report_error
+
 # subcommand -> (module, function, one-line description)
 COMMANDS = {
-    "train": ("mpnet_dist.train", "main", "pretrain MPNet (same flags as annotated-mpnet's pretrain-mpnet)"),
+    "train": ("mpnet_dist.train", "main", "pretrain MPNet in one process (same flags as annotated-mpnet)"),
+    "launch": (
+        "mpnet_dist.launch",
+        "main",
+        "accelerate launch with clean exits: several processes, DeepSpeed, several nodes",
+    ),
     "export": (
         "mpnet_dist.export.cli",
         "main",
@@ -22,24 +30,23 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: mpnet-dist COMMAND [ARGS]", "", "commands:"]
-    lines += [f"  {name:<10} {desc}" for name, (_, _, desc) in COMMANDS.items()]
-    lines += [
-        "",
-        "Multi-process: accelerate launch [--config_file launch_configs/...] -m mpnet_dist.train ARGS",
-    ]
+    lines = ["usage: mpnet-dist [--version] COMMAND [ARGS]   (mpnet-dist COMMAND --help for its flags)", ""]
+    lines += ["commands:"] + [f"  {name:<10} {desc}" for name, (_, _, desc) in COMMANDS.items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv[:1] in (["-h"], ["--help"]):
         print(usage())
-        sys.exit(0 if argv else 2)
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"mpnet-dist: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        sys.exit(2)
-    module, func, _ = COMMANDS[name]
-    code = getattr(importlib.import_module(module), func)(rest)
+        sys.exit(0)
+    if argv[:1] in (["-V"], ["--version"]):
+        print(f"mpnet-dist {__version__}")
+        sys.exit(0)
+    if not argv or argv[0] not in COMMANDS:
+        what = f"unknown command {argv[0]!r}" if argv else "no command given"
+        report_error("mpnet-dist", f"{what}; the commands are {', '.join(COMMANDS)} (mpnet-dist --help)")
+        sys.exit(EXIT_USER_ERROR)
+    module, func, _ = COMMANDS[argv[0]]
+    code = getattr(importlib.import_module(module), func)(argv[1:])
     sys.exit(code or 0)

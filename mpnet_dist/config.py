@@ -19,10 +19,12 @@ from typing import Any
 
 import yaml
 
+from mpnet_dist import flags
 from mpnet_dist.data.cache import CACHE_ENV, DEFAULT_CACHE_DIR
+from mpnet_dist.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad flag or recipe value; the message names the flag to fix."""
 
 
@@ -118,6 +120,11 @@ class TrainConfig:
         False, "Resume from the newest complete checkpoint in --checkpoint-dir (none: start fresh)."
     )
     resume_checkpoint: str | None = _opt(None, "Resume from this checkpoint folder.")
+    overwrite: bool = _opt(
+        False,
+        "Start a new run in a --checkpoint-dir that holds an earlier one: first delete that run's checkpoints, "
+        "metrics.jsonl and config.yaml (nothing else in the folder). Without it such a folder is refused.",
+    )
     trust_checkpoint: bool = _opt(False, "Allow loading pickled (non weights-only) checkpoint files.")
     hf_model_path: str | None = _opt(None, "Initialize weights from a Hugging Face MPNet folder.")
     export_hf_dir: str | None = _opt(
@@ -145,7 +152,7 @@ class TrainConfig:
     max_nonfinite_skips: int = _opt(
         0, "Consecutive steps with a NaN/Inf loss to skip before stopping (0: stop at the first)."
     )
-    debug: bool = _opt(False, "Verbose (debug-level) logging.")
+    debug: bool = _opt(False, "Debug-level logging, and full tracebacks for user errors.")
 
     def __post_init__(self) -> None:
         self._fill_from_environment()
@@ -204,6 +211,12 @@ class TrainConfig:
             problems.append(f"{flag('pred_prob')} must be in (0, 1) (got {self.pred_prob})")
         if self.rand_prob < 0 or self.keep_prob < 0 or self.rand_prob + self.keep_prob > 1.0:
             problems.append(f"{flag('rand_prob')} + {flag('keep_prob')} must be within [0, 1]")
+        if 0 < self.pred_prob < 1 and self.max_tokens < min_max_tokens(self.pred_prob):
+            problems.append(
+                f"{flag('max_tokens')} {self.max_tokens} is below {min_max_tokens(self.pred_prob)}: a block needs "
+                f"<s> and </s> plus enough tokens that {flag('pred_prob')} {self.pred_prob} of them is one whole "
+                "token (below that, one token in three or four would be predicted instead)"
+            )
         if self.resolved_max_positions() < self.max_tokens:
             problems.append(
                 f"{flag('max_positions')} ({self.max_positions}) must be >= {flag('max_tokens')} ({self.max_tokens})"
@@ -235,7 +248,7 @@ class TrainConfig:
                 "(a checkpoint already holds the weights)"
             )
         if problems:
-            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+            raise ConfigError("; ".join(problems))
 
     def _distributed_problems(self) -> list[str]:
         problems = []
@@ -262,6 +275,12 @@ ENV_DEFAULTS: dict[str, tuple[str, Any]] = {
     "dist_timeout_s": ("MPNET_DIST_TIMEOUT_S", 1800),
     "deepspeed_overrides": ("MPNET_DIST_DEEPSPEED_OVERRIDES", None),
 }
+
+
+def min_max_tokens(pred_prob: float) -> int:
+    """The smallest --max-tokens: 2 specials + ceil(1 / pred_prob) tokens (9 at 0.15), so that the one predicted
+    token a short block must have is the fraction asked for, not a forced minimum."""
+    return 2 + math.ceil(1 / pred_prob - 1e-9)
 
 
 def _json_object(text: str) -> Any:
@@ -324,8 +343,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a recipe: a flat mapping of flag names to values (yaml.safe_load: no arbitrary objects)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config: no such file {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err})") from None
+    except yaml.YAMLError as err:  # its text names "<unicode string>", never the file
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(
+            f"--config {path}{where}: not valid YAML ({problem}); fix the recipe there"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
     out = {}
@@ -334,27 +363,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         if name == "config":
             raise ConfigError(f"--config {path}: recipes cannot include other recipes ('config' key)")
         if name not in FIELDS:
-            raise _unknown(str(key))
-        out[name] = _parse_value(name, raw)
+            raise ConfigError(f"--config {path}: {_unknown(str(key))}")
+        try:
+            out[name] = _parse_value(name, raw)
+        except ConfigError as err:
+            raise ConfigError(f"--config {path}: {err}") from None
     return out
 
 
 def build_parser(prog: str = "mpnet-dist train") -> argparse.ArgumentParser:
-    # argument_default=SUPPRESS: only flags actually typed appear in the namespace, so they alone override YAML.
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Pretrain MPNet (two-stream masked and permuted LM). Flags keep annotated-mpnet's names.",
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument("--config", help="YAML recipe whose keys are flag names.")
-    for f in fields(TrainConfig):
-        names = [flag(f.name), *f.metadata["aliases"]]
-        help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
-        if f.type in ("bool",) or f.type is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            parser.add_argument(*names, dest=f.name, metavar=f.name.upper(), help=help_text)
-    return parser
+    return flags.build_parser(fields(TrainConfig), prog)
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

@@ -22,6 +22,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+from mpnet_dist.config import ConfigError
+
 _LAUNCH_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
@@ -63,7 +65,7 @@ def build_accelerator(cfg: Any) -> Accelerator:
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it guessed CPU
         if uses_fsdp():
-            raise RuntimeError(
+            raise ConfigError(
                 "this launch config uses FSDP, which Accelerate runs only on GPUs (on this CUDA-less host it would "
                 "silently fall back to plain DDP). To try parameter sharding on CPU use "
                 "launch_configs/accelerate/deepspeed_zero3.yaml; keep fsdp_8gpu.yaml for GPU nodes."
@@ -80,7 +82,9 @@ def build_accelerator(cfg: Any) -> Accelerator:
     precision = resolve_mixed_precision(cfg.mixed_precision)
     if precision == "fp16" and not cuda:
         # Accelerate would accept it and silently train in fp32 (no autocast, no scaler on CPU).
-        raise ValueError("--mixed-precision fp16 needs a CUDA GPU; on CPU use --mixed-precision bf16 (or no)")
+        raise ConfigError(
+            "--mixed-precision fp16 needs a CUDA GPU; on CPU use --mixed-precision bf16 (or no)"
+        )
     accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=handlers, **kwargs)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _align_deepspeed_config(accelerator, cfg)
@@ -98,7 +102,7 @@ def _align_deepspeed_config(accelerator: Accelerator, cfg: Any) -> None:
     ds.setdefault("steps_per_print", 10**9)
     for key in ("optimizer", "scheduler"):
         if key in ds:
-            raise ValueError(
+            raise ConfigError(
                 f"the DeepSpeed config defines an '{key}': remove it; mpnet-dist builds AdamW and the "
                 "learning-rate schedule from its own flags (--lr, --warmup-updates, ...)."
             )
@@ -119,14 +123,17 @@ def zero_stage(accelerator: Accelerator) -> int:
 
 
 def describe(accelerator: Accelerator) -> str:
-    kind = (
-        accelerator.distributed_type.value
-        if hasattr(accelerator.distributed_type, "value")
-        else accelerator.distributed_type
-    )
-    stage = zero_stage(accelerator)
-    extra = f" ZeRO-{stage}" if stage else ""
-    return (
-        f"{kind}{extra}, {accelerator.num_processes} process(es), device {accelerator.device}, "
-        f"mixed precision {accelerator.mixed_precision}"
-    )
+    """What this launch got, in words: e.g. `single process, cpu, fp32`, `DDP, 2 processes (gloo), cpu, fp32`,
+    `DeepSpeed ZeRO-3, 16 processes (nccl), cuda, bf16`."""
+    n = accelerator.num_processes
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        kind = f"DeepSpeed ZeRO-{zero_stage(accelerator)}"
+    elif accelerator.distributed_type == DistributedType.FSDP:
+        kind = "FSDP"
+    else:
+        kind = "DDP" if n > 1 else "single process"
+    if n > 1 or kind != "single process":
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
+        kind += f", {n} process{'es' if n > 1 else ''} ({backend})"
+    precision = {"no": "fp32"}.get(str(accelerator.mixed_precision), str(accelerator.mixed_precision))
+    return f"{kind}, {accelerator.device.type}, {precision}"

@@ -6,6 +6,7 @@ import logging
 import math
 
 from mpnet_dist.checkpoint import TrainState
+from mpnet_dist.config import ConfigError
 from mpnet_dist.model import MPNetConfig, MPNetForPretraining, from_hf
 
 logger = logging.getLogger("mpnet_dist")
@@ -54,11 +55,14 @@ def build_model(cfg, tokenizer, saved_train_state: TrainState | None) -> MPNetFo
         model_cfg.gradient_checkpointing = cfg.gradient_checkpointing
         return MPNetForPretraining(model_cfg)  # weights come from the checkpoint
     if cfg.hf_model_path:
-        model = from_hf(cfg.hf_model_path)
+        try:
+            model = from_hf(cfg.hf_model_path)
+        except (OSError, TypeError, ValueError) as err:  # not an MPNet folder, missing weights, unreadable
+            raise ConfigError(f"--hf-model-path {cfg.hf_model_path}: {err}") from err
         model.config.attn_impl = cfg.attn_impl
         model.config.gradient_checkpointing = cfg.gradient_checkpointing
         if len(tokenizer) > model.config.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"--tokenizer-name has {len(tokenizer)} tokens but {cfg.hf_model_path} has only "
                 f"{model.config.vocab_size} embedding rows: use the tokenizer the model was trained with"
             )

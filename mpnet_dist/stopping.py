@@ -39,10 +39,10 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.requested:
             raise KeyboardInterrupt  # the user insists: stop now, without saving
-        if signum == signal.SIGINT:
-            logger.warning(
-                "Ctrl-C: saving at the next step boundary and stopping (Ctrl-C again to abort now)"
-            )
+        if not self.requested:  # info: rank 0 says it once, not every rank
+            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            again = " (Ctrl-C again to abort now, without saving)" if signum == signal.SIGINT else ""
+            logger.info("%s: saving at the next step boundary, then stopping%s", what, again)
         self.requested = True
 
     def poll(self) -> bool:
@@ -50,14 +50,19 @@ class StopSignal:
 
 
 def stop_with_launcher() -> None:
-    """Under a launcher (accelerate launch, torchrun), have the kernel send us SIGTERM when it dies.
+    """Under a launcher (accelerate launch, mpnet-dist launch, torchrun), have the kernel send us SIGTERM when it
+    dies.
 
     torch elastic starts each worker in its own session, so a launcher killed with SIGKILL (OOM killer, kill -9)
-    leaves the workers training on, unsupervised and still writing into the run directory. With this, its death
-    takes the preemption path instead: the ranks agree, save, write PREEMPTED and exit (before the handler is
-    installed SIGTERM simply ends the process, which has nothing to save yet).
+    leaves the workers training on, unsupervised and still writing into the run directory. Accelerate's
+    single-process launcher is worse: a SIGINT or SIGTERM sent to it alone ends it and leaves the trainer running
+    to the end without a word. With this, the launcher's death takes the preemption path instead: the ranks
+    agree, save, write PREEMPTED and exit (before the handler is installed SIGTERM simply ends the process, which
+    has nothing to save yet). LOCAL_RANK marks torch elastic's workers, ACCELERATE_DYNAMO_BACKEND the simple
+    launcher's one process (`accelerate launch` sets it for every process it starts).
     """
-    if sys.platform != "linux" or "LOCAL_RANK" not in os.environ:
+    launched = "LOCAL_RANK" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
+    if sys.platform != "linux" or not launched:
         return
     import ctypes
 

@@ -6,7 +6,6 @@ then runs optimizer steps until --total-updates, evaluating, checkpointing and l
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -20,65 +19,32 @@ from accelerate.utils import set_seed
 
 from mpnet_dist import __version__
 from mpnet_dist.checkpoint import (
-    TRAIN_STATE_FILE,
     CheckpointError,
     TrainState,
-    latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     read_train_state,
     save_checkpoint,
     step_name,
 )
-from mpnet_dist.config import ConfigError, TrainConfig, dump_yaml, parse_config
+from mpnet_dist.command import run_command
+from mpnet_dist.config import TrainConfig, parse_config
 from mpnet_dist.data.pipeline import Data
 from mpnet_dist.distributed import build_accelerator, describe, zero_stage
-from mpnet_dist.metrics import LogWindow, MetricsWriter, console_line, read_metrics, setup_logging
+from mpnet_dist.metrics import LogWindow, MetricsWriter, console_line, setup_logging
 from mpnet_dist.model_setup import build_model
 from mpnet_dist.optim import build_optimizer, lr_at
+from mpnet_dist.run_folder import claim_run_folder, decide_on_rank_zero, prepare_run_folder
 from mpnet_dist.step import NonFiniteLossError, StepResult, evaluate, train_step
-from mpnet_dist.stopping import PREEMPT_FILE, PREEMPTED_MARKER, StopSignal, stop_with_launcher
+from mpnet_dist.stopping import PREEMPTED_MARKER, StopSignal, stop_with_launcher
 
 logger = logging.getLogger("mpnet_dist")
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_config(argv)
-    except ConfigError as err:
-        print(f"mpnet-dist train: error: {err}", file=sys.stderr)
-        return 2
-    return run(cfg)
-
-
-def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    if cfg.resume_checkpoint:
-        path = Path(cfg.resume_checkpoint)
-        if path.is_file():
-            raise CheckpointError(
-                f"--resume-checkpoint {path} is a file, not an mpnet-dist checkpoint folder (step-N, best, final). "
-                "An annotated-mpnet .pt holds no resumable optimizer/data state: convert its weights "
-                f"(`mpnet-dist export {path} OUT`) and start a new run with --hf-model-path OUT."
-            )
-        if not path.is_dir():
-            raise CheckpointError(f"--resume-checkpoint {path}: no such folder")
-        if not (path / TRAIN_STATE_FILE).is_file() and (path / "config.json").is_file():
-            raise CheckpointError(
-                f"--resume-checkpoint {path} is a Hugging Face model folder, not an mpnet-dist checkpoint: to "
-                f"start from its weights use --hf-model-path {path} (a new run, fresh optimizer) instead."
-            )
-        read_train_state(path)  # raises with a clear message when incomplete
-        return path
-    if cfg.resume:
-        found = latest_checkpoint(run_dir)
-        if found is None and run_dir.is_dir() and any(run_dir.glob("*.pt")):
-            logger.warning(
-                "--resume: %s holds .pt files but no mpnet-dist checkpoint; annotated-mpnet checkpoints cannot "
-                "be resumed: export one (`mpnet-dist export FILE.pt OUT`) and start from --hf-model-path OUT",
-                run_dir,
-            )
-        return found
-    return None
+    """A user error ends as one line on stderr and exit code 2 (command.py); --debug shows its traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    return run_command("mpnet-dist train", lambda args: run(parse_config(args)), argv)
 
 
 def run(cfg: TrainConfig) -> int:
@@ -138,10 +104,11 @@ def build_loop(cfg: TrainConfig) -> Loop:
     """Accelerator, tokenizer, model, optimizer, data and metrics, in that order; a checkpoint restored if asked."""
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.is_main_process, cfg.debug)
-    resume_from = resolve_resume(cfg, Path(cfg.checkpoint_dir))
+    logger.info("mpnet-dist %s: %s", __version__, describe(accelerator))
+    # Before anything slow: refuse a folder holding another run, a damaged checkpoint (rank 0 decides).
+    resume_from = decide_on_rank_zero(accelerator, lambda: claim_run_folder(cfg))
     if cfg.resume and resume_from is None:
         logger.info("--resume: no complete checkpoint in %s, starting from scratch", cfg.checkpoint_dir)
-    logger.info("mpnet-dist %s: %s", __version__, describe(accelerator))
     set_seed(cfg.seed)  # the same initial weights on every rank
 
     from mpnet_dist.data import build_data, check_vocab, load_tokenizer
@@ -176,7 +143,7 @@ def build_loop(cfg: TrainConfig) -> Loop:
     loop = Loop(cfg, accelerator, model, optimizer, data, tokenizer, resume_from, run_info)
     if resume_from:
         _restore(loop)
-    _prepare_run_dir(loop)
+    prepare_run_folder(accelerator, cfg, loop.step)
     loop.writer = MetricsWriter(cfg, loop.run_dir, accelerator.is_main_process)
     if cfg.wandb_watch and loop.writer.wandb is not None:
         loop.writer.wandb.watch(accelerator.unwrap_model(model), log_freq=100)
@@ -185,35 +152,22 @@ def build_loop(cfg: TrainConfig) -> Loop:
 
 def _restore(loop: Loop) -> None:
     """Load the checkpoint into the prepared model/optimizer and the data loader, and the loop's progress."""
-    saved, data_state = load_checkpoint(loop.accelerator, loop.resume_from, trust=loop.cfg.trust_checkpoint)
-    if data_state is not None:
-        loop.data.train.load_state_dict(data_state)
+    saved, data_state = load_checkpoint(
+        loop.accelerator, loop.resume_from, trust=loop.cfg.trust_checkpoint, checked=True
+    )
+    if data_state is None:  # never restart the data silently from the first block
+        raise CheckpointError(
+            f"{loop.resume_from} holds no data state (data_state_rank*.pt): the checkpoint is incomplete; resume "
+            "from another checkpoint of the run"
+        )
+    loop.data.train.load_state_dict(data_state)
     loop.restore(saved)
     logger.info("resumed from %s at step %d", loop.resume_from, saved.step)
 
 
-def _prepare_run_dir(loop: Loop) -> None:
-    """config.yaml of this run; metrics of steps after the checkpoint and stale stop markers removed."""
-    run_dir = loop.run_dir
-    if loop.accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(loop.cfg, run_dir / "config.yaml")
-        _truncate_metrics(run_dir, loop.step)
-        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-        (run_dir / PREEMPT_FILE).unlink(missing_ok=True)
-    loop.accelerator.wait_for_everyone()
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """A resumed run re-does the steps after its checkpoint: drop their old records so each step appears once."""
-    records = read_metrics(run_dir)
-    kept = [r for r in records if r["step"] <= step]
-    if len(kept) != len(records):
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
 def _train_loop(loop: Loop) -> int:
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     loop.stop = StopSignal(loop.run_dir)
     loop.bar = tqdm(
@@ -225,7 +179,8 @@ def _train_loop(loop: Loop) -> int:
         leave=False,
     )
     try:
-        return _run_steps(loop)
+        with logging_redirect_tqdm([logger]):  # log lines go above the bar instead of onto its line
+            return _run_steps(loop)
     finally:
         loop.bar.close()
         loop.stop.close()
@@ -301,7 +256,7 @@ def _stop_early(loop: Loop) -> int:
         _save(loop, step_name(loop.step))
     if loop.accelerator.is_main_process:
         (loop.run_dir / PREEMPTED_MARKER).write_text(f"{loop.step}\n")
-    logger.info("stop requested: saved step %d and exiting; resume with --resume", loop.step)
+    logger.info("stopped at step %d after saving %s; continue with --resume", loop.step, step_name(loop.step))
     return 0
 
 
@@ -354,10 +309,12 @@ def _evaluate(loop: Loop, split: str) -> dict[str, float] | None:
     record = {
         "step": loop.step,
         "split": split,
-        **result,
+        "loss": result["loss"],
+        "acc": result["acc"],
         "loss_bits": result["loss"] / math.log(2),
-        "tokens": loop.tokens,
-        "pred_tokens_seen": loop.pred_tokens,
+        "eval_pred_tokens": result["pred_tokens"],  # predicted tokens in this evaluation
+        "tokens": loop.tokens,  # as in train rows: trained on so far
+        "pred_tokens": loop.pred_tokens,
         "elapsed_s": loop.elapsed_s,
     }
     loop.writer.write(record)

@@ -53,9 +53,11 @@ def test_version_1_train_state_is_read(tmp_path):
     assert (state.step, state.tokens, state.pred_tokens, state.world_size) == (6, 1536, 240, 1)
     assert state.best_valid_loss == math.inf  # null: no validation yet
     assert state.model_config["encoder_layers"] == 2 and state.config["seed"] == 7
-    write_train_state(tmp_path, state)  # and written back byte for byte the same layout
-    assert json.loads((tmp_path / "train_state.json").read_text()) == V1_TRAIN_STATE
-    assert list(json.loads((tmp_path / "train_state.json").read_text())) == list(V1_TRAIN_STATE)
+    assert state.manifest == {}  # version 1 has none: loading checks its files one by one (integrity.py)
+    write_train_state(tmp_path, state)  # written back as version 2: the same keys in the same order + manifest
+    written = json.loads((tmp_path / "train_state.json").read_text())
+    assert written == {**V1_TRAIN_STATE, "format_version": 2, "manifest": {}}
+    assert list(written) == [*V1_TRAIN_STATE, "manifest"]
 
 
 def test_train_state_round_trip_keeps_a_finite_best_loss(tmp_path):
@@ -67,7 +69,7 @@ def test_train_state_round_trip_keeps_a_finite_best_loss(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"format_version": 2}, r"format_version 2, but this mpnet-dist reads versions 1 to 1: .*newer"),
+        ({"format_version": 3}, r"format_version 3, but this mpnet-dist reads versions 1 to 2: .*newer"),
         ({"format_version": "1"}, "format_version '1'"),
         ({"surprise": 1}, r"unknown keys \['surprise'\]"),
         ({"step": None, "model_config": None}, None),  # values are not type-checked: these read as given

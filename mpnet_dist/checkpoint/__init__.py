@@ -3,12 +3,15 @@
 state.py         the files mpnet-dist defines (train_state.json, data_state_rank{r}.pt), one dataclass each
 folders.py       names, finding the newest complete checkpoint, pruning
 writer.py        save_checkpoint (collective): temporary folder, train state last, rename into place
-reader.py        load_checkpoint: checks that the checkpoint fits this run, then restores it
+integrity.py     the manifest (size, SHA-256 of every file) and the checks made before anything is loaded
+reader.py        check_checkpoint, load_checkpoint: checks that the checkpoint is whole and fits this run, then
+                 restores it
 weights_only.py  no unpickling without --trust-checkpoint (torch and DeepSpeed loaders alike)
 """
 
 from mpnet_dist.checkpoint.errors import CheckpointError
 from mpnet_dist.checkpoint.folders import (
+    complete_checkpoints,
     interval_checkpoints,
     is_complete,
     latest_checkpoint,
@@ -16,7 +19,7 @@ from mpnet_dist.checkpoint.folders import (
     resolve_checkpoint,
     step_name,
 )
-from mpnet_dist.checkpoint.reader import load_checkpoint
+from mpnet_dist.checkpoint.reader import check_checkpoint, load_checkpoint
 from mpnet_dist.checkpoint.state import (
     TRAIN_STATE_FILE,
     BlocksDataState,
@@ -34,6 +37,8 @@ __all__ = [
     "DataState",
     "StreamDataState",
     "TrainState",
+    "check_checkpoint",
+    "complete_checkpoints",
     "interval_checkpoints",
     "is_complete",
     "latest_checkpoint",

@@ -1,5 +1,7 @@
 """The one exception checkpoint writing and reading raise for problems a user can fix."""
 
+from mpnet_dist.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used as asked; the message says what to do instead."""

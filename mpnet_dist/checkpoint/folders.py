@@ -48,6 +48,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(candidates)[2] if candidates else None
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Every complete checkpoint of a run (step-N, best, final), newest (highest step) first."""
+    found = [(step, 1, path) for step, path in interval_checkpoints(run_dir)]
+    for name in ("final", "best"):
+        if is_complete(run_dir / name):
+            try:
+                found.append((read_train_state(run_dir / name).step, 0, run_dir / name))
+            except CheckpointError:
+                continue  # a damaged train_state.json: not a checkpoint to offer
+    return [path for _, _, path in sorted(found, reverse=True)]
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder, or a run directory (then `final`, else the newest complete checkpoint)."""
     path = Path(path)

@@ -6,29 +6,42 @@ Everything is loaded weights-only unless --trust-checkpoint (see weights_only.py
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from mpnet_dist.checkpoint.errors import CheckpointError
+from mpnet_dist.checkpoint.integrity import verify_checkpoint
 from mpnet_dist.checkpoint.state import DataState, TrainState, read_data_state, read_train_state
-from mpnet_dist.checkpoint.weights_only import deepspeed_engine_weights_only, refuse_pickles
+from mpnet_dist.checkpoint.weights_only import (
+    deepspeed_engine_weights_only,
+    refuse_pickles,
+    unloadable_reason,
+)
+from mpnet_dist.command import one_line
 
 logger = logging.getLogger("mpnet_dist")
 
 
+def check_checkpoint(path: Path) -> TrainState:
+    """Its train state, after checking that every file is there and as written (integrity.py); loads nothing."""
+    train_state = read_train_state(path)
+    verify_checkpoint(path, train_state)
+    return train_state
+
+
 def load_checkpoint(
-    accelerator: Accelerator, path: Path, trust: bool = False
+    accelerator: Accelerator, path: Path, trust: bool = False, checked: bool = False
 ) -> tuple[TrainState, DataState | None]:
     """Restore model/optimizer/RNG into the prepared objects; return (train_state, this rank's data state).
 
-    The data state is this rank's file, or rank 0's when the run now has more ranks than saved (the loader
-    decides whether that mapping is exact or must be refused).
+    The files are checked first (check_checkpoint) unless the caller already did (`checked`). The data state is
+    this rank's file, or rank 0's when the run now has more ranks than saved (the loader decides whether that
+    mapping is exact or must be refused).
     """
     path = Path(path)
-    train_state = read_train_state(path)
+    train_state = read_train_state(path) if checked else check_checkpoint(path)
     saved_world = train_state.world_size
     if saved_world != accelerator.num_processes and train_state.zero_stage > 0:
         raise CheckpointError(
@@ -81,13 +94,12 @@ def _check_random_states(path: Path, rank: int, saved_world: int) -> None:
         return
     try:
         load(file)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{file}: holds objects besides RNG states, which a weights-only load refuses to unpickle ({err}). "
-            "Accelerate never unpickles this file, not even with --trust-checkpoint: it is not one that "
-            "mpnet-dist wrote. Resume from another checkpoint."
-        ) from err
     except Exception as err:
-        raise CheckpointError(
-            f"{file}: unreadable ({type(err).__name__}: {err}); resume from another checkpoint."
-        ) from err
+        reason = unloadable_reason(file) or f"{file}: unreadable ({type(err).__name__}: {err})"
+        if "--trust-checkpoint" in reason and "cannot help" not in reason:  # a real pickle of other objects
+            reason = (
+                f"{file}: holds objects besides RNG states, which a weights-only load refuses to unpickle. "
+                "Accelerate never unpickles this file, not even with --trust-checkpoint: it is not one that "
+                "mpnet-dist wrote"
+            )
+        raise CheckpointError(f"{one_line(reason)}. Resume from another checkpoint.") from err

@@ -65,7 +65,8 @@ def _from_dict(cls: type, data: Any, source: str, skip: tuple[str, ...] = ()) ->
 class TrainState:
     """train_state.json. Field order is the order on disk (format_version is written before world_size)."""
 
-    FORMAT_VERSION: ClassVar[int] = 1
+    # 2: adds `manifest`. Version 1 files (no manifest) are still read; their files get per-file checks.
+    FORMAT_VERSION: ClassVar[int] = 2
 
     step: int
     tokens: int = 0  # non-padding input tokens seen, all ranks
@@ -80,12 +81,14 @@ class TrainState:
     mpnet_dist_version: str = ""
     config: dict[str, Any] = field(default_factory=dict)  # TrainConfig.to_dict() of the run that saved
     world_size: int = 1
+    # {file name relative to the folder: {"size": bytes, "sha256": hex}} of every other file (integrity.py)
+    manifest: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["best_valid_loss"] = self.best_valid_loss if math.isfinite(self.best_valid_loss) else None
-        world_size = data.pop("world_size")  # version 1's key order: ..., format_version, world_size
-        return {**data, "format_version": self.FORMAT_VERSION, "world_size": world_size}
+        tail = {key: data.pop(key) for key in ("world_size", "manifest")}  # after format_version, as in v1
+        return {**data, "format_version": self.FORMAT_VERSION, **tail}
 
     @classmethod
     def from_json(cls, data: Any, source: str) -> TrainState:

@@ -1,7 +1,7 @@
 """Writing a checkpoint: every rank's state into a temporary folder, train_state.json last, then a rename.
 
 A folder holds the Accelerate/DeepSpeed state (model, optimizer, per-rank RNG, grad scaler), one data state
-file per rank and train_state.json. Only after the train state is written is the folder renamed into place,
+file per rank and train_state.json, which carries the manifest (size and SHA-256) of all the other files. Only after the train state is written is the folder renamed into place,
 so a crash mid-write never leaves something that looks complete.
 """
 
@@ -20,6 +20,7 @@ from accelerate import Accelerator
 
 from mpnet_dist.checkpoint.errors import CheckpointError
 from mpnet_dist.checkpoint.folders import is_complete
+from mpnet_dist.checkpoint.integrity import build_manifest
 from mpnet_dist.checkpoint.state import DataState, TrainState, write_data_state, write_train_state
 
 logger = logging.getLogger("mpnet_dist")
@@ -45,8 +46,9 @@ def save_checkpoint(
         write_data_state(tmp, accelerator.process_index, data_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = replace(train_state, world_size=accelerator.num_processes)
         with _write_errors(tmp, final):
+            # The manifest covers every rank's files: all were written before the barrier above.
+            state = replace(train_state, world_size=accelerator.num_processes, manifest=build_manifest(tmp))
             write_train_state(tmp, state)  # last: marks the folder complete
             swap_into_place(tmp, final)
         logger.info("saved checkpoint %s (%.1fs)", final, time.perf_counter() - started)

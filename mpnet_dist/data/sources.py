@@ -24,7 +24,16 @@ def list_train_files(train_dir: str | Path) -> list[Path]:
     files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise DataError(f"--train-dir {root}: the directory holds no files")
+    empty = [p.name for p in files if p.stat().st_size == 0]
+    if empty:  # named all at once; whitespace-only files are found when read (read_documents)
+        raise DataError(
+            f"--train-dir {root}: {len(empty)} empty file(s): {', '.join(empty[:10])}; {_EMPTY_FIX}"
+        )
     return files
+
+
+# Refused rather than skipped: an empty shard is usually a failed download or export, worth knowing about.
+_EMPTY_FIX = "remove them (or give them text): mpnet-dist refuses empty input files instead of skipping them"
 
 
 def check_file(path: str | Path, flag: str) -> Path:
@@ -86,7 +95,9 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
     except (OSError, EOFError) as e:  # unreadable file, corrupt or truncated gzip
         raise DataError(f"{path}: cannot read ({e})") from e
     if count == 0:
-        raise DataError(f"{path}: no text (the file is empty or whitespace-only)")
+        raise DataError(
+            f"{path}: no text (the file is empty or whitespace-only); {_EMPTY_FIX.replace('them', 'it')}"
+        )
 
 
 # ---- HF datasets streaming ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from mpnet_dist.data.cache import build_once, cache_root
+from mpnet_dist.data.cache import CACHE_ENV, DEFAULT_CACHE_DIR, build_once, cache_root
 from mpnet_dist.data.errors import DataError
 from mpnet_dist.data.sources import list_train_files, read_documents
 from mpnet_dist.data.wordpiece import count_words, learn_vocab
@@ -22,6 +22,7 @@ TRAINER_VERSION = 1  # part of the builtin cache name: bump when training change
 # MPNet's layout: HF MPNet derives position ids by comparing input_ids with 1, so <pad> must be 1.
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 MASK = "<mask>"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
 def _is_file(item: str | os.PathLike) -> bool:
@@ -91,13 +92,19 @@ def load_tokenizer(name_or_path: str, data_cache_dir: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     path = str(builtin_tokenizer_dir(data_cache_dir)) if name_or_path == BUILTIN else name_or_path
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
+        raise DataError(
+            f"--tokenizer-name {path}: the folder holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); give the "
+            "folder a tokenizer was saved to (save_pretrained, or `mpnet-dist tokenizer --output-dir`)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never run a folder's code
     except Exception as e:  # OSError, HTTP errors, ValueError: all mean "cannot load that"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
-            f"--tokenizer-name {name_or_path!r} could not be loaded: {e}\n"
-            "Without network access use --tokenizer-name builtin (trained on the built-in corpus) "
-            "or a local folder saved with save_pretrained (`mpnet-dist tokenizer` makes one)."
+            f"--tokenizer-name {name_or_path!r} could not be loaded ({first}). Without network access use "
+            "--tokenizer-name builtin (trained on the built-in corpus) or a local folder saved with "
+            "save_pretrained (`mpnet-dist tokenizer` makes one)."
         ) from e
     validate_tokenizer(tokenizer, name_or_path)
     return tokenizer
@@ -179,32 +186,52 @@ class Encoder:
 
 def tokenizer_main(argv: list[str] | None = None) -> int:
     """`mpnet-dist tokenizer`: train a WordPiece tokenizer with MPNet's special layout."""
-    parser = argparse.ArgumentParser(
+    from mpnet_dist.command import Parser, run_command
+
+    parser = Parser(
         prog="mpnet-dist tokenizer",
         description="Train a WordPiece tokenizer (MPNet special layout) on local text files.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--train-dir", help="every file in this folder (txt, JSON lines, .gz)")
-    src.add_argument("--files", nargs="+", help="these files")
+    src.add_argument("--train-dir", metavar="DIR", help="every file in this folder (txt, JSON lines, .gz)")
+    src.add_argument("--files", nargs="+", metavar="FILE", help="these files")
     src.add_argument("--builtin", action="store_true", help="the built-in corpus (stdlib docstrings)")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--vocab-size", type=int, default=30_527)
+    parser.add_argument("--output-dir", metavar="DIR", required=True, help="where the tokenizer is saved")
+    parser.add_argument(
+        "--vocab-size", type=int, metavar="N", default=30_527, help="tokens, specials and <mask> included"
+    )
     parser.add_argument("--text-field", default="text", help="field of JSON-lines files that holds the text")
     parser.add_argument(
         "--no-lowercase", action="store_true", help="keep case (default: lowercase, as MPNet)"
     )
-    parser.add_argument("--data-cache-dir", default=None)
-    args = parser.parse_args(argv)
-    try:
-        out = train_tokenizer(
-            _cli_files(args), args.output_dir, args.vocab_size, not args.no_lowercase, args.text_field
-        )
-    except DataError as e:
-        print(f"mpnet-dist tokenizer: {e}", file=sys.stderr)
-        return 2
-    print(f"tokenizer saved to {out}")
-    return 0
+    parser.add_argument(
+        "--data-cache-dir",
+        metavar="DIR",
+        help=f"where --builtin materializes its corpus (default ${CACHE_ENV}, else {DEFAULT_CACHE_DIR})",
+    )
+    parser.add_argument("--debug", action="store_true", help="full tracebacks for user errors")
+
+    def train(argv: list[str]) -> int:
+        args = parser.parse_args(argv)
+        if args.vocab_size < len(SPECIALS) + 2:
+            raise DataError(
+                f"--vocab-size {args.vocab_size}: leaves no room beyond the {len(SPECIALS) + 1} special tokens"
+            )
+        files = _cli_files(args)
+        out = train_tokenizer(files, args.output_dir, args.vocab_size, not args.no_lowercase, args.text_field)
+        size = len(load_tokenizer(str(out)))
+        if size < args.vocab_size:
+            megabytes = sum(f.stat().st_size for f in files) / 2**20
+            print(
+                f"mpnet-dist tokenizer: warning: the corpus ({len(files)} file(s), {megabytes:.1f} MB) gives only "
+                f"{size:,} tokens, fewer than --vocab-size {args.vocab_size:,}: every word piece seen twice or "
+                "more is already in; train on more text to reach that size, or keep this smaller vocabulary",
+                file=sys.stderr,
+            )
+        print(f"tokenizer ({size:,} tokens) saved to {out}")
+        return 0
+
+    return run_command("mpnet-dist tokenizer", train, sys.argv[1:] if argv is None else argv)
 
 
 def _cli_files(args: argparse.Namespace) -> list[Path]:

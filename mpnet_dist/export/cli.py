@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mpnet_dist.checkpoint import CheckpointError
-from mpnet_dist.export.errors import ExportError
+from mpnet_dist.command import Parser, run_command
 from mpnet_dist.export.folder import DTYPES
 from mpnet_dist.export.offline import export_checkpoint
 
@@ -17,7 +16,7 @@ logger = logging.getLogger("mpnet_dist")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mpnet-dist export",
         description="Write a verified Hugging Face MPNetForMaskedLM folder (safetensors, config.json, tokenizer) "
         "from an mpnet-dist checkpoint of any kind (single process, DDP, DeepSpeed ZeRO-1/2/3). CPU only.",
@@ -30,9 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "out_dir", type=Path, help="output folder (new, empty, or an earlier export to replace)"
     )
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)"
-    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype")
     parser.add_argument("--no-save-tokenizer", action="store_true", help="write the model only")
     parser.add_argument(
         "--trust-checkpoint", action="store_true", help="allow pickled checkpoint files (only ones you trust)"
@@ -40,27 +37,32 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tokenizer-name", help="tokenizer to save (default: the one the run was trained with)"
     )
+    parser.add_argument("--debug", action="store_true", help="full tracebacks for user errors")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return _run_cli(
-        "mpnet-dist export",
-        args.checkpoint,
-        args.out_dir,
-        dtype=args.dtype,
-        save_tokenizer=not args.no_save_tokenizer,
-        trust=args.trust_checkpoint,
-        tokenizer_name=args.tokenizer_name,
-    )
+    argv = sys.argv[1:] if argv is None else argv
+
+    def export(argv: list[str]) -> int:
+        args = _parser().parse_args(argv)
+        return _export(
+            "mpnet-dist export",
+            args.checkpoint,
+            args.out_dir,
+            dtype=args.dtype,
+            save_tokenizer=not args.no_save_tokenizer,
+            trust=args.trust_checkpoint,
+            tokenizer_name=args.tokenizer_name,
+        )
+
+    return run_command("mpnet-dist export", export, argv)
 
 
 def convert_to_hf_main(argv: list[str] | None = None) -> int:
     """`convert-to-hf`: the reference converter's flags, on mpnet-dist checkpoints."""
-    parser = argparse.ArgumentParser(
-        prog="convert-to-hf", description="Convert a checkpoint to an HF MPNet folder."
-    )
+    argv = sys.argv[1:] if argv is None else argv
+    parser = Parser(prog="convert-to-hf", description="Convert a checkpoint to an HF MPNet folder.")
     parser.add_argument(
         "--mpnet-checkpoint-path",
         type=Path,
@@ -70,26 +72,24 @@ def convert_to_hf_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-model-folder-path", type=Path, required=True, help="output folder")
     parser.add_argument("--no-save-tokenizer", action="store_true", help="write the model only")
     parser.add_argument("--trust-checkpoint", action="store_true", help="allow pickled checkpoint files")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return _run_cli(
-        "convert-to-hf",
-        args.mpnet_checkpoint_path,
-        args.hf_model_folder_path,
-        save_tokenizer=not args.no_save_tokenizer,
-        trust=args.trust_checkpoint,
-    )
+    parser.add_argument("--debug", action="store_true", help="full tracebacks for user errors")
+
+    def convert(argv: list[str]) -> int:
+        args = parser.parse_args(argv)
+        return _export(
+            "convert-to-hf",
+            args.mpnet_checkpoint_path,
+            args.hf_model_folder_path,
+            save_tokenizer=not args.no_save_tokenizer,
+            trust=args.trust_checkpoint,
+        )
+
+    return run_command("convert-to-hf", convert, argv)
 
 
-def _run_cli(prog: str, checkpoint: Path, out_dir: Path, **kwargs: Any) -> int:
+def _export(prog: str, checkpoint: Path, out_dir: Path, **kwargs: Any) -> int:
     if not logging.getLogger().handlers and not logger.handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    from mpnet_dist.data import DataError
-
-    try:
-        report = export_checkpoint(checkpoint, out_dir, **kwargs)
-    # ValueError: HFExportError and MPNetConfig's own checks, both naming the setting at fault.
-    except (ValueError, CheckpointError, ExportError, DataError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
+    report = export_checkpoint(checkpoint, out_dir, **kwargs)
     print(f"{prog}: wrote {report.out_dir} (max |logit diff| {report.max_abs_diff:.3g}, verified)")
     return 0

@@ -1,7 +1,9 @@
 """The exceptions of the export; both say what to change."""
 
+from mpnet_dist.errors import UserError
 
-class ExportError(RuntimeError):
+
+class ExportError(UserError, RuntimeError):
     """The export cannot be done as asked; the message says what to change."""
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mpnet_dist.checkpoint import read_train_state, resolve_checkpoint
+from mpnet_dist.checkpoint import CheckpointError, read_train_state, resolve_checkpoint
+from mpnet_dist.checkpoint.integrity import WEIGHT_FILES, verify_checkpoint
 from mpnet_dist.export.folder import ExportReport, check_exportable, export_model
 from mpnet_dist.export.reference import load_reference_checkpoint
 from mpnet_dist.export.tokenizer import load_run_tokenizer, special_token_ids
@@ -34,8 +35,13 @@ def export_checkpoint(
     else:
         path = resolve_checkpoint(checkpoint)
         train_state = read_train_state(path)
+        # only the weights are read: an optimizer file damaged later does not stop an export
+        verify_checkpoint(path, train_state, only=WEIGHT_FILES)
     logger.info("exporting %s (step %s)", path, train_state.step)
-    config = MPNetConfig.from_dict(train_state.model_config)
+    try:
+        config = MPNetConfig.from_dict(train_state.model_config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its model_config is not a valid MPNet configuration ({err})") from err
     check_exportable(config)  # refuse before reading the weights
     tokenizer = load_run_tokenizer(train_state, tokenizer_name) if save_tokenizer else None
     if tokenizer is not None:

@@ -9,6 +9,8 @@ import torch
 import transformers
 from torch import Tensor
 
+from mpnet_dist.errors import UserError
+
 from .config import MPNetConfig
 from .mpnet import MPNetForPretraining
 
@@ -45,7 +47,7 @@ _LAYER_KEYS = {
 }
 
 
-class HFExportError(ValueError):
+class HFExportError(UserError, ValueError):
     """The model uses a setting transformers' MPNetForMaskedLM cannot represent."""
 
 
