@@ -20,6 +20,7 @@ Accelerate's own `--debug` restores its behaviour, tracebacks included.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -63,8 +64,10 @@ def _launch(argv: list[str]) -> int:
         accelerate_launch.launch_command(args)
         return 0
     _set_defaults(args)
+    _quiet_elastic_logs()
     # torch elastic would install its own handlers and end with SignalException; ours forward instead.
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGQUIT"
+    # (Accelerate copies every attribute torchrun's parser knows into torchrun's arguments.)
+    args.signals_to_handle = "SIGQUIT"
     accelerate_launch.simple_launcher = _simple_launcher  # one process: started in its own session
     try:
         accelerate_launch.launch_command(args)
@@ -138,22 +141,41 @@ def _forward(signum: int, frame: Any) -> None:
 
 
 def _report_failures(failures: dict[int, Any]) -> int:
-    """One line for each failed rank whose message rank 0 did not already print; the root cause's exit code."""
-    first = min(failures, key=lambda rank: failures[rank].timestamp)
-    shown = {failures[0].message} if 0 in failures else set()
+    """One line for each failure the user has not seen yet; the exit code of the failure that explains the rest.
+
+    A rank that hit a user error wrote its line into torch elastic's error file (command.report_error), and rank
+    0 also printed it. The ranks elastic then stopped with SIGTERM are collateral and go unmentioned.
+    """
+    explained = {rank: f for rank, f in failures.items() if f.error_file != "<N/A>" and f.message}
+    shown = {explained[0].message} if 0 in explained else set()
+    for rank, failure in sorted(explained.items()):
+        if failure.message not in shown:
+            shown.add(failure.message)
+            print(f"{PROG}: rank {rank}: {one_line(failure.message)}", file=sys.stderr)
+    causes = explained or {r: f for r, f in failures.items() if f.exitcode > 0} or failures
     for rank, failure in sorted(failures.items()):
-        message = failure.message if failure.error_file != "<N/A>" else ""
-        if failure.exitcode < 0:
-            line = f"rank {rank} (pid {failure.pid}) was killed by {signal.Signals(-failure.exitcode).name}"
-        elif message and message not in shown:
-            line = f"rank {rank}: {message}"
-        elif not message and failure.exitcode != EXIT_USER_ERROR:
-            line = f"rank {rank} (pid {failure.pid}) exited with code {failure.exitcode}"
-        else:
+        if rank in explained or (rank not in causes and failure.exitcode == -signal.SIGTERM):
             continue
-        shown.add(message)
-        print(f"{PROG}: {one_line(line)}", file=sys.stderr)
-    return _exit_code(failures[first].exitcode)
+        how = (
+            f"was killed by {signal.Signals(-failure.exitcode).name}"
+            if failure.exitcode < 0
+            else f"exited with code {failure.exitcode}"
+        )
+        print(f"{PROG}: rank {rank} (pid {failure.pid}) {how}", file=sys.stderr)
+    codes = [f.exitcode for _, f in sorted(causes.items())]
+    return next((code for code in codes if code > 0), EXIT_USER_ERROR if explained else _exit_code(codes[0]))
+
+
+def _quiet_elastic_logs() -> None:
+    """torch elastic logs each stop and failure (W/E lines) that the lines above already report."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        if not record.name.startswith("torch.distributed.elastic"):
+            return True
+        return record.levelno >= logging.ERROR and not record.getMessage().startswith("failed (exitcode")
+
+    for handler in logging.getLogger("torch.distributed").handlers:
+        handler.addFilter(keep)
 
 
 def _exit_code(code: int) -> int:

@@ -173,7 +173,9 @@ def _train_loop(loop: Loop) -> int:
     loop.bar = tqdm(
         total=loop.cfg.total_updates,
         initial=loop.step,
-        disable=not loop.accelerator.is_main_process,
+        disable=None
+        if loop.accelerator.is_main_process
+        else True,  # None: no bar unless stderr is a terminal
         desc="train",
         dynamic_ncols=True,
         leave=False,

@@ -105,7 +105,7 @@ def test_ddp_is_two_rank_ddp_and_matches_one_process_at_twice_the_batch(runs, ti
         2,
         0,
     )
-    assert "MULTI_CPU, 2 process(es)" in _log(runs["ddp"])
+    assert "DDP, 2 processes (gloo), cpu, fp32" in _log(runs["ddp"])
     single = tmp_path / "single"
     assert train(tiny_args(tiny_corpus, single, *NO_DROPOUT, "--batch-size", "8")) == 0
     assert train_state(single)["world_size"] == 1
@@ -155,7 +155,7 @@ def test_zero_is_deepspeed_with_two_ranks_and_matches_ddp(stage, runs):
     state = train_state(run)
     assert (state["distributed_type"], state["world_size"], state["zero_stage"]) == (
         "DistributedType.DEEPSPEED", 2, stage)  # fmt: skip
-    assert f"DEEPSPEED ZeRO-{stage}, 2 process(es)" in _log(run)
+    assert f"DeepSpeed ZeRO-{stage}, 2 processes (gloo), cpu" in _log(run)
     diff = max_loss_diff(train_losses(runs["ddp"]), train_losses(run), range(1, 7))
     wdiff = max_weight_diff(weights(runs["ddp"]), weights(run))
     print(f"ZeRO-{stage} vs DDP: max loss diff {diff:.2e}, max weight diff {wdiff:.2e}")
@@ -211,13 +211,13 @@ def test_checkpoint_of_another_kind_is_refused_with_the_way_forward(runs):
 
 
 def test_fsdp_on_a_cuda_less_host_is_refused(monkeypatch):
-    from mpnet_dist.config import parse_config
+    from mpnet_dist.config import ConfigError, parse_config
     from mpnet_dist.distributed import build_accelerator
 
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only refusal")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(RuntimeError, match="deepspeed_zero3.yaml"):
+    with pytest.raises(ConfigError, match="deepspeed_zero3.yaml"):
         build_accelerator(parse_config(["--batch-size", "2"]))
 
 

@@ -216,7 +216,7 @@ def test_round_trip_from_hf_folder_after_zero_steps(tiny_corpus, tmp_path):
 )
 def test_unexportable_settings_refused_before_writing(tiny_corpus, tmp_path, capsys, override, named):
     checkpoint = hand_checkpoint(tmp_path / "run", tiny_corpus["tokenizer"], **override)
-    assert export(checkpoint, tmp_path / "out") == 1
+    assert export(checkpoint, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "HFExportError" not in err and named in err and "cannot be exported" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written, not even a temp folder
@@ -236,7 +236,7 @@ def test_failed_verification_fails_loudly(tiny_corpus, tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(export_module, "to_hf", broken_to_hf)
     checkpoint = hand_checkpoint(tmp_path / "run", tiny_corpus["tokenizer"])
-    assert export(checkpoint, tmp_path / "out") == 1
+    assert export(checkpoint, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "computes different MLM logits" in err and "out.failed" in err
     assert not (tmp_path / "out").exists()
@@ -256,17 +256,17 @@ def test_convert_to_hf_reference_flags(tiny_corpus, tmp_path):
 def test_clear_errors_for_bad_inputs(tiny_corpus, tmp_path, capsys):
     checkpoint = hand_checkpoint(tmp_path / "run", tiny_corpus["tokenizer"])
     (tmp_path / "run" / "step-00000009").mkdir()  # interrupted save: no train_state.json
-    assert export(tmp_path / "run" / "step-00000009", tmp_path / "a") == 1
+    assert export(tmp_path / "run" / "step-00000009", tmp_path / "a") == 2
     assert "not a complete mpnet-dist checkpoint" in capsys.readouterr().err
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
-    assert export(checkpoint, tmp_path / "busy") == 1
+    assert export(checkpoint, tmp_path / "busy") == 2
     assert "not an mpnet-dist export" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
-    assert export(checkpoint, tmp_path / "b", "--tokenizer-name", str(tmp_path / "missing")) == 1
+    assert export(checkpoint, tmp_path / "b", "--tokenizer-name", str(tmp_path / "missing")) == 2
     assert "could not be loaded" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        export(checkpoint, tmp_path / "c", "--dtype", "float16")
+    assert export(checkpoint, tmp_path / "c", "--dtype", "float16") == 2
+    assert "--dtype: invalid choice: 'float16'" in capsys.readouterr().err
 
 
 def test_convert_to_hf_reads_reference_pt_files(tiny_corpus, tmp_path, capsys):
@@ -291,5 +291,5 @@ def test_convert_to_hf_reads_reference_pt_files(tiny_corpus, tmp_path, capsys):
         {"args": {**args, "activation_fn": "gelu_accurate"}, "model_states": states}, tmp_path / "gelu.pt"
     )
     cli[1] = str(tmp_path / "gelu.pt")
-    assert convert_to_hf_main([*cli, str(tmp_path / "out2")]) == 1
+    assert convert_to_hf_main([*cli, str(tmp_path / "out2")]) == 2
     assert "activation_fn='gelu_accurate'" in capsys.readouterr().err and not (tmp_path / "out2").exists()

@@ -130,7 +130,7 @@ def test_resume_with_other_architecture_flags_keeps_the_checkpoint_model(
     ("incomplete", "not a complete mpnet-dist checkpoint .*--resume to take the newest complete one"),
     ("pt_file", r"is a file.*mpnet-dist export .*--hf-model-path"),
     ("hf_folder", "is a Hugging Face model folder.*--hf-model-path"),
-    ("no_rng_state", "lacks random_states_0.pkl.*damaged.*another checkpoint"),
+    ("no_rng_state", "random_states_0.pkl: missing, so the checkpoint .* is incomplete"),
 ])  # fmt: skip
 def test_resume_from_something_else_names_the_fix(kind, message, tiny_corpus, tmp_path, small_checkpoint):
     target = tmp_path / kind
@@ -185,6 +185,9 @@ def test_planted_pickle_is_refused_and_never_runs(planted, message, tiny_corpus,
     if planted == "pytorch_model.bin":
         (checkpoint / "model.safetensors").unlink()
     torch.save(_TouchOnLoad(marker), checkpoint / planted)
+    with pytest.raises(CheckpointError, match="is (damaged|incomplete)"):  # the manifest notices first
+        _resume(tiny_corpus, tmp_path, checkpoint)
+    _resign(checkpoint)  # as whoever planted the file could; the weights-only load must still refuse it
     with pytest.raises(CheckpointError, match=message):
         _resume(tiny_corpus, tmp_path, checkpoint)
     assert not marker.exists()
@@ -192,9 +195,19 @@ def test_planted_pickle_is_refused_and_never_runs(planted, message, tiny_corpus,
     assert marker.exists()
 
 
+def _resign(checkpoint: Path) -> None:
+    """Rewrite train_state.json's manifest to match the folder's files as they are now."""
+    from mpnet_dist.checkpoint.integrity import build_manifest
+
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    state["manifest"] = build_manifest(checkpoint)
+    (checkpoint / "train_state.json").write_text(json.dumps(state))
+
+
 def test_trust_checkpoint_is_what_allows_unpickling(tiny_corpus, tmp_path, small_checkpoint):
     checkpoint, marker = _copy(small_checkpoint, tmp_path), tmp_path / "pwned"
     torch.save(_TouchOnLoad(marker), checkpoint / "data_state_rank0.pt")
+    _resign(checkpoint)
     with pytest.raises(Exception):  # noqa: B017  (the payload is not a data state)
         _resume(tiny_corpus, tmp_path, checkpoint, "--trust-checkpoint")
     assert marker.exists()

@@ -59,7 +59,7 @@ def verify_checkpoint(folder: Path, state: TrainState, only: tuple[str, ...] = (
         needed = [name for name in required_files(folder, state) if not only or name.startswith(only)]
         problem = _required_problem(folder, needed, state.world_size)
     if problem is not None:
-        raise CheckpointError(f"{problem} {_other_checkpoint(folder)}")
+        raise CheckpointError(f"{problem} {other_checkpoint(folder)}")
 
 
 def _manifest_problem(folder: Path, manifest: dict[str, dict[str, Any]]) -> str | None:
@@ -122,7 +122,7 @@ def _required_problem(folder: Path, names: list[str], world_size: int) -> str | 
     return None
 
 
-def _other_checkpoint(folder: Path) -> str:
+def other_checkpoint(folder: Path) -> str:
     """The newest other complete checkpoint of the same run, as the advice that ends a refusal."""
     others = [path for path in complete_checkpoints(folder.parent) if path.resolve() != folder.resolve()]
     if not others:

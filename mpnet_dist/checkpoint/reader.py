@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from mpnet_dist.checkpoint.errors import CheckpointError
-from mpnet_dist.checkpoint.integrity import verify_checkpoint
+from mpnet_dist.checkpoint.integrity import other_checkpoint, verify_checkpoint
 from mpnet_dist.checkpoint.state import DataState, TrainState, read_data_state, read_train_state
 from mpnet_dist.checkpoint.weights_only import (
     deepspeed_engine_weights_only,
@@ -26,7 +26,10 @@ logger = logging.getLogger("mpnet_dist")
 
 def check_checkpoint(path: Path) -> TrainState:
     """Its train state, after checking that every file is there and as written (integrity.py); loads nothing."""
-    train_state = read_train_state(path)
+    try:
+        train_state = read_train_state(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} {other_checkpoint(Path(path))}") from None
     verify_checkpoint(path, train_state)
     return train_state
 

@@ -117,7 +117,7 @@ def read_train_state(folder: Path) -> TrainState:
         data = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(
-            f"{file}: not valid JSON ({err}); resume or export another checkpoint"
+            f"{file}: not valid JSON ({err}), so the checkpoint {folder} is damaged."
         ) from None
     return TrainState.from_json(data, str(file))
 

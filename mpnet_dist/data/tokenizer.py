@@ -100,9 +100,9 @@ def load_tokenizer(name_or_path: str, data_cache_dir: str | None = None) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never run a folder's code
     except Exception as e:  # OSError, HTTP errors, ValueError: all mean "cannot load that"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
-            f"--tokenizer-name {name_or_path!r} could not be loaded ({first}). Without network access use "
+            f"--tokenizer-name {name_or_path!r} could not be loaded ({str(e).strip() or type(e).__name__}). "
+            "Without network access use "
             "--tokenizer-name builtin (trained on the built-in corpus) or a local folder saved with "
             "save_pretrained (`mpnet-dist tokenizer` makes one)."
         ) from e
