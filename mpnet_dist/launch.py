@@ -152,7 +152,12 @@ def _report_failures(failures: dict[int, Any]) -> int:
         if failure.message not in shown:
             shown.add(failure.message)
             print(f"{PROG}: rank {rank}: {one_line(failure.message)}", file=sys.stderr)
-    causes = explained or {r: f for r, f in failures.items() if f.exitcode > 0} or failures
+    causes = (
+        explained
+        or {r: f for r, f in failures.items() if f.exitcode > 0}
+        or {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM}  # e.g. the OOM killer's SIGKILL
+        or failures
+    )
     for rank, failure in sorted(failures.items()):
         if rank in explained or (rank not in causes and failure.exitcode == -signal.SIGTERM):
             continue

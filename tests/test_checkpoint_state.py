@@ -54,7 +54,9 @@ def test_version_1_train_state_is_read(tmp_path):
     assert state.best_valid_loss == math.inf  # null: no validation yet
     assert state.model_config["encoder_layers"] == 2 and state.config["seed"] == 7
     assert state.manifest == {}  # version 1 has none: loading checks its files one by one (integrity.py)
-    write_train_state(tmp_path, state)  # written back as version 2: the same keys in the same order + manifest
+    write_train_state(
+        tmp_path, state
+    )  # written back as version 2: the same keys in the same order + manifest
     written = json.loads((tmp_path / "train_state.json").read_text())
     assert written == {**V1_TRAIN_STATE, "format_version": 2, "manifest": {}}
     assert list(written) == [*V1_TRAIN_STATE, "manifest"]

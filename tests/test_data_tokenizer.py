@@ -38,6 +38,20 @@ def test_training_is_deterministic_and_cli_writes_a_loadable_folder(tmp_path):
     assert len(a) <= 300
 
 
+def test_a_corpus_too_small_for_the_vocab_size_is_said(tmp_path, capsys):
+    small = write_docs(tmp_path / "small.txt", list(range(60)))
+    out = tmp_path / "tok"
+    assert tokenizer_main(["--files", str(small), "--vocab-size", "30527", "--output-dir", str(out)]) == 0
+    size = len(AutoTokenizer.from_pretrained(out))
+    captured = capsys.readouterr()
+    assert size < 30527 and f"tokenizer ({size:,} tokens) saved to {out}" in captured.out
+    warning = captured.err.strip()
+    assert warning.startswith("mpnet-dist tokenizer: warning: the corpus (1 file(s), 0.0 MB) gives only")
+    assert f"{size:,} tokens, fewer than --vocab-size 30,527" in warning and warning.count("\n") == 0
+    assert tokenizer_main(["--files", str(small), "--vocab-size", str(size), "--output-dir", str(out)]) == 0
+    assert capsys.readouterr().err == ""  # reached: no warning
+
+
 def test_load_errors_say_what_to_do(tokenizer, tmp_path, monkeypatch):
     import huggingface_hub.constants
 

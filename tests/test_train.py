@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import sys
+import threading
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ from mpnet_dist import step as step_module
 from mpnet_dist.checkpoint import interval_checkpoints, latest_checkpoint
 from mpnet_dist.metrics import read_metrics
 from mpnet_dist.train import main
-from tests.helpers import final_weights, tiny_args, train, train_losses
+from tests.helpers import REPO, final_weights, tiny_args, train, train_losses
 
 
 def test_resumed_run_is_bitwise_identical(tiny_corpus, tmp_path):
@@ -108,6 +112,17 @@ def test_metrics_record_fields_and_validation_falls(tiny_corpus, tmp_path):
         "elapsed_s",
     ):
         assert key in train_rec[-1], key
+    valid6 = next(r for r in records if r["split"] == "valid" and r["step"] == 6)
+    train6 = next(r for r in train_rec if r["step"] == 6)
+    assert (
+        valid6["pred_tokens"] == train6["pred_tokens"] and valid6["tokens"] == train6["tokens"]
+    )  # one meaning
+    assert 0 < valid6["eval_pred_tokens"] and "pred_tokens_seen" not in valid6
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| field | rows | meaning |") :].split("\n\n")[0]
+    documented = set(re.findall(r"`(\w+)`", table))
+    for record in records:  # every field written is documented, under its own name
+        assert set(record) <= documented, set(record) - documented
     assert train_rec[-1]["tokens"] == 12 * 2 * 4 * 32  # steps x update-freq x batch x block, no padding
     assert train_rec[-1]["pred_tokens"] == 12 * 2 * 4 * round(0.15 * 32)
     evals = [(r["split"], r["step"]) for r in records if r["split"] != "train"]
@@ -181,3 +196,42 @@ def test_zero_updates_saves_the_initial_model(tiny_corpus, tmp_path):
     assert train(tiny_args(tiny_corpus, run_dir, "--total-updates", "0")) == 0
     state = json.loads((run_dir / "final" / "train_state.json").read_text())
     assert state["step"] == 0 and state["tokens"] == 0
+
+
+def test_log_lines_never_land_on_the_progress_bar(tiny_corpus, tmp_path, monkeypatch):
+    """In a terminal the bar is redrawn in place (carriage returns, no newline) on stderr while log lines go to
+    stdout: each log line must start on a line of its own, not after the bar's text."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    terminal = os.fdopen(slave, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    args = tiny_args(tiny_corpus, tmp_path / "run", "--total-updates", "6", "--checkpoint-interval", "2")
+    assert train(args) == 0
+    terminal.close()
+    reader.join(timeout=30)
+    text = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+    assert "train:" in text and "it/s" in text  # the bar was drawn
+    logged = [line for line in text.split("\n") if "[mpnet]" in line or "step 3/6 |" in line]
+    assert len(logged) > 5
+    for line in logged:  # what the terminal shows: the text after the last carriage return
+        assert line.split("\r")[-1].lstrip().startswith(("[mpnet]", "step ")), repr(line)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,18 @@ def file_digest(path: Path) -> str:
 
 def build_manifest(folder: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {"size": bytes, "sha256": hex}} for every file in `folder` except train_state.json."""
-    manifest = {}
-    for path in sorted(Path(folder).rglob("*")):
-        name = path.relative_to(folder).as_posix()
-        if path.is_file() and name != TRAIN_STATE_FILE:
-            manifest[name] = {"size": path.stat().st_size, "sha256": file_digest(path)}
-    return manifest
+    paths = [p for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != TRAIN_STATE_FILE]
+    digests = _digests(paths)
+    return {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d}
+        for p, d in zip(paths, digests, strict=True)
+    }
+
+
+def _digests(paths: list[Path]) -> list[str]:
+    """SHA-256 of each file, several files at a time (hashlib releases the GIL: ZeRO shards hash in parallel)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        return list(pool.map(file_digest, paths))
 
 
 # What an export reads: the model weights (Accelerate's file, or DeepSpeed's folder).
@@ -76,11 +83,13 @@ def _manifest_problem(folder: Path, manifest: dict[str, dict[str, Any]]) -> str 
                 f"{path}: {size:,} bytes where {expected['size']:,} were written, so the checkpoint {folder} is "
                 "damaged (the file was truncated or replaced)."
             )
-    for name, expected in manifest.items():  # sizes first: a missing file is found without reading gigabytes
-        try:
-            digest = file_digest(folder / name)
-        except OSError as err:
-            return f"{folder / name}: unreadable ({err}); the checkpoint {folder} cannot be used."
+    names = list(manifest)  # sizes first (above): a missing file is found without reading gigabytes
+    try:
+        digests = _digests([folder / name for name in names])
+    except OSError as err:
+        return f"{err.filename}: unreadable ({err.strerror}); the checkpoint {folder} cannot be used."
+    for name, digest in zip(names, digests, strict=True):
+        expected = manifest[name]
         if digest != expected["sha256"]:
             return (
                 f"{folder / name}: its contents differ from what was written (SHA-256 mismatch), so the "
