@@ -155,7 +155,9 @@ def _report_failures(failures: dict[int, Any]) -> int:
     causes = (
         explained
         or {r: f for r, f in failures.items() if f.exitcode > 0}
-        or {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM}  # e.g. the OOM killer's SIGKILL
+        or {
+            r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM
+        }  # e.g. the OOM killer's SIGKILL
         or failures
     )
     for rank, failure in sorted(failures.items()):

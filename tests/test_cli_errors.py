@@ -2,8 +2,8 @@
 naming the culprit (flag or file), no traceback; `--debug` shows the traceback; a bug keeps its traceback.
 
 The processes of the battery run a few at a time (most fail before any model is built, so each costs little
-more than importing torch). Flag-level mistakes are also checked in-process (test_config.py style) in
-test_flag_mistakes_in_process.
+more than importing torch). Mistakes found before anything is built (flags, recipes, the other commands' flags)
+are checked in this process instead, through the same main() functions: test_mistakes_found_before_anything_is_built.
 """
 
 from __future__ import annotations
