@@ -69,7 +69,14 @@ def report_error(prog: str, message: str, label: str = "error") -> str:
 
 
 def one_line(message: str) -> str:
-    """Library messages arrive with newlines and indentation; an error is one line."""
+    """Library messages arrive with newlines and indentation; an error is one line.
+
+    A UserError raised in a DataLoader worker reaches the main process re-raised by torch with the worker's
+    traceback in its text ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): only
+    the original message, the traceback's last line, is kept."""
+    if "Original Traceback (most recent call last):" in message:
+        last = message.strip().splitlines()[-1]
+        message = re.sub(r"^[\w.]+: ", "", last)
     return re.sub(r"\s*\n\s*", " ", message.strip())
 
 
@@ -102,8 +109,3 @@ class Parser(argparse.ArgumentParser):
         known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
         close = difflib.get_close_matches(unknown.group(1).split("=")[0], known, n=1)
         return f" (did you mean {close[0]}?)" if close else ""
-
-
-def exit_with(code: int) -> None:
-    sys.stdout.flush()
-    sys.exit(code)

@@ -86,7 +86,11 @@ def _launch(argv: list[str]) -> int:
 
 def _parse(parser: Any, argv: list[str]) -> Any:
     """Accelerate's parser, with its argparse exit turned into our one-line UsageError."""
-    parser.error = lambda message: (_ for _ in ()).throw(UsageError(f"{message}; see {PROG} --help"))
+
+    def error(message: str) -> None:  # argparse would print the whole usage and exit
+        raise UsageError(f"{message}; see {PROG} --help")
+
+    parser.error = error
     args = parser.parse_args(argv)
     if args.config_file is not None and not os.path.isfile(args.config_file):
         raise UsageError(f"--config_file {args.config_file}: no such file")

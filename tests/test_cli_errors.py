@@ -240,3 +240,14 @@ def test_unknown_command_and_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out == f"mpnet-dist {__version__}\n"
+
+
+def test_an_error_from_a_dataloader_worker_keeps_only_its_message():
+    from mpnet_dist.command import one_line
+
+    wrapped = (  # how torch re-raises a worker's exception in the main process
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    raise DataError(...)\n'
+        "mpnet_dist.data.errors.DataError: shard.jsonl line 7: no field 'text'; pass --text-field\n"
+    )
+    assert one_line(wrapped) == "shard.jsonl line 7: no field 'text'; pass --text-field"

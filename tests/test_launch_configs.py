@@ -135,7 +135,7 @@ def test_cpu_runnable_config_trains(config_runs, name, kind, world, stage, preci
         stage,
         4,
     )
-    assert f"mixed precision {precision}" in out
+    assert f", cpu, {'fp32' if precision == 'no' else precision}\n" in out  # the first line says what it got
     losses = [r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses
     if stage:
