@@ -22,6 +22,8 @@ from tests.helpers import CONFIGS, REPO, launch_env, tiny_args, train
 
 PY = sys.executable
 TRAIN = (PY, "-m", "mpnet_dist.train")
+LAUNCH2 = (PY, "-m", "mpnet_dist", "launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"), "--main_process_port",
+           "0", "-m", "mpnet_dist.train")  # fmt: skip
 
 
 def _checkpointed_run(corpus, root: Path) -> Path:
@@ -118,10 +120,12 @@ def _cases(corpus, root: Path) -> dict[str, tuple[list[str], list[str]]]:
             ["--max-tokens"],
         ),
         "launcher, two processes": (
-            [PY, "-m", "mpnet_dist", "launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
-             "--main_process_port", "0", "-m", "mpnet_dist.train",
-             *tiny_args(corpus, root / "run2", "--train-dir", data_dir("empty2", {"a.txt": ""}))],
+            [*LAUNCH2, *tiny_args(corpus, root / "run2", "--train-dir", data_dir("empty2", {"a.txt": ""}))],
             ["a.txt", "empty"],
+        ),
+        "run folder in use, two processes": (  # rank 0 decides; rank 1 takes its decision (one line)
+            [*LAUNCH2, *tiny_args(corpus, good)],
+            [str(good), "--resume", "--overwrite"],
         ),
     }  # fmt: skip
 
@@ -131,7 +135,7 @@ CASE_NAMES = [
     "folder without a tokenizer", "run folder in use", "resume from nowhere", "checkpoint lost its data state",
     "random bytes in optimizer.bin", "truncated model.safetensors", "broken train_state.json",
     "old checkpoint, random optimizer.bin", "old checkpoint, lost data state", "export of a non-checkpoint",
-    "launcher, one process", "launcher, two processes",
+    "launcher, one process", "launcher, two processes", "run folder in use, two processes",
 ]  # fmt: skip
 
 
@@ -154,6 +158,7 @@ def test_bad_input_ends_in_one_line_naming_the_culprit(name, battery):
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+    assert "had defaults used instead" not in output  # Accelerate's launcher warning
     errors = [line for line in result.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1, result.stderr[-3000:]
     for culprit in culprits:
