@@ -66,8 +66,11 @@ def stop_with_launcher() -> None:
         return
     import ctypes
 
+    launcher = os.getppid()
     pr_set_pdeathsig = 1
     if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
         return  # not fatal: only the orphan protection is lost
-    if os.getppid() == 1:  # the launcher died before the request took effect
+    # Reparented meanwhile: the launcher died before the request took effect. (Comparing with 1 instead would
+    # stop every run whose launcher *is* PID 1, e.g. `accelerate launch` as a container's main process.)
+    if os.getppid() != launcher:
         raise SystemExit("mpnet-dist train: the launcher exited during startup; nothing was trained")
