@@ -24,6 +24,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from mpnet_dist import reshard
+
 logger = logging.getLogger("mpnet_dist")
 
 TRAIN_STATE = "train_state.json"
@@ -158,6 +160,7 @@ def prune_checkpoints(run_dir: Path, keep: int, protect: Path | None = None) -> 
         if protect is not None and path.resolve() == protect.resolve():
             continue  # never delete the checkpoint this run resumed from
         shutil.rmtree(path, ignore_errors=True)
+        reshard.prune_converted(path)
         removed.append(path)
     return removed
 
@@ -171,19 +174,19 @@ def load_checkpoint(accelerator: Accelerator, path: Path, trust: bool = False) -
     path = Path(path)
     train_state = read_train_state(path)
     saved_world = train_state.get("world_size", 1)
-    if saved_world != accelerator.num_processes and train_state.get("zero_stage", 0) > 0:
-        raise CheckpointError(
-            f"{path} was written by DeepSpeed ZeRO-{train_state['zero_stage']} on {saved_world} processes; this run "
-            f"has {accelerator.num_processes}. ZeRO optimizer shards cannot be re-partitioned here. Resume on "
-            f"{saved_world} processes, or export the weights (`mpnet-dist export {path} OUT`) and start a new run "
-            "with --hf-model-path OUT (fresh optimizer state)."
-        )
-    _check_same_format(path, train_state.get("zero_stage", 0), accelerator)
     _check_random_states(path, accelerator.process_index, saved_world)
-    load_kwargs = {"weights_only": False} if trust else None
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    with _refuse_pickles(path), _deepspeed_weights_only(deepspeed and not trust):
-        accelerator.load_state(str(path), load_kwargs=load_kwargs)
+    if reshard.needs_conversion(train_state, accelerator):
+        # Another process count or kind than a ZeRO checkpoint's, or a DDP checkpoint under ZeRO.
+        reshard.load_converted(accelerator, path, train_state, trust)
+    else:
+        load_kwargs = {"weights_only": False} if trust else None
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        with _refuse_pickles(path), _deepspeed_weights_only(deepspeed and not trust):
+            accelerator.load_state(str(path), load_kwargs=load_kwargs)
+    # load_state restores Accelerate's micro-batch counter, whose value modulo --update-freq decides where an
+    # accumulation ends. Checkpoints are taken at step boundaries: restart it there, or a run resumed with
+    # another --update-freq (to keep the global batch on another process count) would sync mid-step.
+    accelerator.step = 0
     rank_file = path / f"data_state_rank{accelerator.process_index}.pt"
     if not rank_file.is_file():
         rank_file = path / "data_state_rank0.pt"
@@ -218,23 +221,6 @@ def _deepspeed_weights_only(enabled: bool) -> Iterator[None]:
 
     with deepspeed_safe_loads(torch_checkpoint_engine, trust=False):
         yield
-
-
-def _check_same_format(path: Path, saved_stage: int, accelerator: Accelerator) -> None:
-    """DDP/single-process and each ZeRO stage write different layouts; loading one as another fails deep inside
-    Accelerate or DeepSpeed (a bare AssertionError, a missing file): say what was expected instead."""
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    stage = int(accelerator.state.deepspeed_plugin.zero_stage) if deepspeed else 0
-    if saved_stage != stage:
-
-        def kind(s: int) -> str:
-            return f"DeepSpeed ZeRO-{s}" if s else "DDP / a single process"
-
-        raise CheckpointError(
-            f"{path} was written by {kind(saved_stage)}; this run uses {kind(stage)}, whose checkpoints have another "
-            f"layout. Resume with the launch config that wrote it, or export the weights (`mpnet-dist export {path} "
-            "OUT`) and start a new run with --hf-model-path OUT (fresh optimizer state)."
-        )
 
 
 def _check_random_states(path: Path, rank: int, saved_world: int) -> None:
