@@ -45,7 +45,8 @@ TAG = "pytorch_model"  # Accelerate's DeepSpeed tag folder (MODEL_NAME)
 SUFFIX = ".universal"
 CONVERTED = "converted.json"  # written last: a universal folder without it is incomplete
 _STATES = ("fp32", "exp_avg", "exp_avg_sq")
-_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO-1/2, ZeRO-3
+# The file the engine reads its counters from under load_universal: ZeRO-1/2, ZeRO-3.
+_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 # Modules whose own torch.load(weights_only=False) reads checkpoint files during conversion or a universal load.
 _DEEPSPEED_LOADERS = (
     "deepspeed.checkpoint.ds_to_universal",
@@ -107,7 +108,9 @@ def ensure_universal(
             _convert(path, folder, train_state, source, trust)
         except Exception as err:  # every rank must leave the collective below, then all raise
             error = err
-            logger.error("converting %s to a universal checkpoint failed: %s: %s", path, type(err).__name__, err)
+            logger.error(
+                "converting %s to a universal checkpoint failed: %s: %s", path, type(err).__name__, err
+            )
     failed = torch.tensor(0.0 if error is None else 1.0, device=accelerator.device)
     if accelerator.reduce(failed, reduction="sum").item():
         if isinstance(error, CheckpointError):
@@ -140,7 +143,9 @@ def _is_current(folder: Path, source: dict[str, str]) -> bool:
         return False
 
 
-def _convert(path: Path, folder: Path, train_state: dict[str, Any], source: dict[str, str], trust: bool) -> None:
+def _convert(
+    path: Path, folder: Path, train_state: dict[str, Any], source: dict[str, str], trust: bool
+) -> None:
     """Write the universal folder under a name of this process's own (two jobs resuming the same checkpoint at
     once each convert), then rename it into place unless the other finished first."""
     import os
@@ -191,7 +196,11 @@ def _from_zero(source_tag: Path, tag: Path, trust: bool) -> dict[str, Any]:
         input_folder=str(source_tag), output_folder=str(tag), num_extract_workers=1, num_merge_workers=1,
         keep_temp_folder=False, strict=True, inject_missing_state=True,
     )  # fmt: skip
-    with safe_loads(trust), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with (
+        safe_loads(trust),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         ds_to_universal.main(args)
     (tag.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer file; we name the tag
     sd = _load(tag / "zero" / "optimizer_state.pt", trust)
@@ -209,7 +218,9 @@ def _from_ddp(path: Path, tag: Path, groups: tuple[list[str], list[str]], trust:
     zero = tag / "zero"
     for names, group in zip(groups, optim["param_groups"], strict=True):
         if len(names) != len(group["params"]):
-            raise ValueError(f"optimizer.bin has {len(group['params'])} parameters in a group of {len(names)}")
+            raise ValueError(
+                f"optimizer.bin has {len(group['params'])} parameters in a group of {len(names)}"
+            )
         for name, index in zip(names, group["params"], strict=True):
             state = optim["state"].get(index, {})
             (zero / name).mkdir(parents=True)
@@ -222,7 +233,9 @@ def _from_ddp(path: Path, tag: Path, groups: tuple[list[str], list[str]], trust:
     return {"param_groups": optim["param_groups"], "step": None, "extra": {}}
 
 
-def _complete(tag: Path, groups: tuple[list[str], list[str]], state: dict[str, Any], train_state: dict) -> None:
+def _complete(
+    tag: Path, groups: tuple[list[str], list[str]], state: dict[str, Any], train_state: dict
+) -> None:
     """Make the folder loadable by every ZeRO stage: the converters write only what the source stage reads."""
     import deepspeed
 
@@ -236,7 +249,11 @@ def _complete(tag: Path, groups: tuple[list[str], list[str]], state: dict[str, A
             if state["step"] is None:
                 raise ValueError(f"no optimizer step for {name}")
             torch.save(state["step"], zero / name / "step.pt")
-    step = state["step"] if state["step"] is not None else torch.load(zero / names[0] / "step.pt", weights_only=True)
+    step = (
+        state["step"]
+        if state["step"] is not None
+        else torch.load(zero / names[0] / "step.pt", weights_only=True)
+    )
     param_groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
     for index, group in enumerate(param_groups):
         group["params"] = [index]
@@ -268,7 +285,8 @@ def _complete(tag: Path, groups: tuple[list[str], list[str]], state: dict[str, A
 
 
 def _load_into_deepspeed(accelerator: Accelerator, folder: Path, stage: int, trust: bool) -> None:
-    engine = accelerator._models[0]  # what Accelerate's load_state loads into (its registry of prepared models)
+    # Accelerate's load_state loads into its registry of prepared models: the engine is the first.
+    engine = accelerator._models[0]
     engine._config.load_universal_checkpoint = True  # for this load only: a normal load with it on fails
     try:
         with safe_loads(trust):
@@ -314,7 +332,9 @@ def _load_into_ddp(accelerator: Accelerator, folder: Path, source: Path) -> None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = set(model.state_dict()) - set(params)
     if set(missing) - tied or unexpected:
-        raise CheckpointError(f"{folder}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+        raise CheckpointError(
+            f"{folder}: weights do not match the model (missing {missing}, unexpected {unexpected})"
+        )
     saved_groups = _load(zero / "optimizer_state.pt", trust=False)["param_groups"]
     state, index, param_groups = {}, 0, []
     for names, saved in zip(groups, saved_groups, strict=True):
