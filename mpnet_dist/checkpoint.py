@@ -168,8 +168,8 @@ def prune_checkpoints(run_dir: Path, keep: int, protect: Path | None = None) -> 
 def load_checkpoint(accelerator: Accelerator, path: Path, trust: bool = False) -> tuple[dict, dict | None]:
     """Restore model/optimizer/RNG into the prepared objects; return (train_state, this rank's data state).
 
-    The data state is this rank's file, or rank 0's when the run now has more ranks than saved (the loader
-    decides whether that mapping is exact or must be refused).
+    A checkpoint written by another number of processes, or by DDP for a ZeRO run or the other way round, goes
+    through its universal form (reshard.py). The data state is described in _read_data_state.
     """
     path = Path(path)
     train_state = read_train_state(path)
@@ -187,12 +187,30 @@ def load_checkpoint(accelerator: Accelerator, path: Path, trust: bool = False) -
     # accumulation ends. Checkpoints are taken at step boundaries: restart it there, or a run resumed with
     # another --update-freq (to keep the global batch on another process count) would sync mid-step.
     accelerator.step = 0
-    rank_file = path / f"data_state_rank{accelerator.process_index}.pt"
+    return train_state, _read_data_state(path, accelerator.process_index, trust)
+
+
+def _read_data_state(path: Path, rank: int, trust: bool) -> dict | None:
+    """This rank's data state, or rank 0's when the run now has more ranks (a file-based state is global). A
+    streaming state is split by rank (each saves its logical streams): merge every rank's file."""
+    from mpnet_dist.data.stream_loader import merge_states
+
+    def read(file: Path) -> dict:
+        with _refuse_pickles(file):
+            return torch.load(file, weights_only=not trust)
+
+    rank_file = path / f"data_state_rank{rank}.pt"
     if not rank_file.is_file():
         rank_file = path / "data_state_rank0.pt"
-    with _refuse_pickles(rank_file):
-        data_state = torch.load(rank_file, weights_only=not trust) if rank_file.is_file() else None
-    return train_state, data_state
+    if not rank_file.is_file():
+        return None
+    state = read(rank_file)
+    if state.get("kind") != "stream":
+        return state
+    files = sorted(
+        path.glob("data_state_rank*.pt"), key=lambda f: int(f.stem.removeprefix("data_state_rank"))
+    )
+    return merge_states([read(file) for file in files])
 
 
 @contextlib.contextmanager

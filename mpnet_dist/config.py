@@ -65,7 +65,12 @@ class TrainConfig:
     dataset_config: str | None = _opt(None, "HF dataset configuration name.")
     dataset_split: str = _opt("train", "HF dataset split to stream.")
     text_field: str = _opt("text", "Field holding the text in JSON lines and HF datasets.")
-    buffer_size: int = _opt(10000, "Streaming shuffle buffer size (documents).")
+    buffer_size: int = _opt(10000, "Streaming shuffle buffer size (documents, per logical stream).")
+    data_streams: int | None = _opt(
+        None,
+        "Streaming: logical streams the data is split into, fixed for the whole run (a resume uses the "
+        "checkpoint's); the process count must divide it (default: lcm(12, processes x max(1, --num-workers))).",
+    )
     eval_samples: int = _opt(500, "Streaming: documents taken for validation and for test, each.")
     min_text_length: int = _opt(64, "Streaming: drop documents shorter than this many characters.")
     packing: bool = _opt(
@@ -192,6 +197,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if self.data_streams is not None and self.data_streams < 1:
+            problems.append(f"{flag('data_streams')} must be >= 1 (got {self.data_streams})")
         if self.keep_checkpoints < -1:
             problems.append(f"{flag('keep_checkpoints')} must be -1 (keep all) or >= 0")
         if self.clip_grad_norm < 0 or not math.isfinite(self.lr) or self.lr <= 0:

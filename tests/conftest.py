@@ -48,7 +48,7 @@ def recover_rows(batch: dict) -> np.ndarray:
 def make_cfg(**overrides) -> types.SimpleNamespace:
     cfg = dict(
         train_dir=None, valid_file=None, test_file=None, dataset_name=None, dataset_config=None,
-        dataset_split="train", text_field="text", buffer_size=16, eval_samples=0, min_text_length=1,
+        dataset_split="train", text_field="text", buffer_size=16, data_streams=None, eval_samples=0, min_text_length=1,
         max_tokens=32, batch_size=4, update_freq=1, num_workers=0, seed=7, packing=True, pred_prob=0.15,
         rand_prob=0.1, keep_prob=0.1, whole_word_mask=True, data_cache_dir=None,
     )  # fmt: skip
