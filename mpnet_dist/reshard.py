@@ -44,6 +44,7 @@ logger = logging.getLogger("mpnet_dist")
 TAG = "pytorch_model"  # Accelerate's DeepSpeed tag folder (MODEL_NAME)
 SUFFIX = ".universal"
 CONVERTED = "converted.json"  # written last: a universal folder without it is incomplete
+LAYOUT_VERSION = 1  # of what _complete() writes; a folder of another version is converted again
 _STATES = ("fp32", "exp_avg", "exp_avg_sq")
 # The file the engine reads its counters from under load_universal: ZeRO-1/2, ZeRO-3.
 _MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -131,12 +132,12 @@ def ensure_universal(
     return folder, reused
 
 
-def _source_record(path: Path) -> dict[str, str]:
+def _source_record(path: Path) -> dict[str, Any]:
     digest = hashlib.sha256((path / "train_state.json").read_bytes()).hexdigest()
-    return {"source": path.name, "train_state_sha256": digest}
+    return {"source": path.name, "train_state_sha256": digest, "layout": LAYOUT_VERSION}
 
 
-def _is_current(folder: Path, source: dict[str, str]) -> bool:
+def _is_current(folder: Path, source: dict[str, Any]) -> bool:
     try:
         return json.loads((folder / CONVERTED).read_text()) == source
     except (OSError, ValueError):
@@ -144,7 +145,7 @@ def _is_current(folder: Path, source: dict[str, str]) -> bool:
 
 
 def _convert(
-    path: Path, folder: Path, train_state: dict[str, Any], source: dict[str, str], trust: bool
+    path: Path, folder: Path, train_state: dict[str, Any], source: dict[str, Any], trust: bool
 ) -> None:
     """Write the universal folder under a name of this process's own (two jobs resuming the same checkpoint at
     once each convert), then rename it into place unless the other finished first."""
@@ -157,12 +158,12 @@ def _convert(
     tag = tmp / TAG
     try:
         tag.mkdir(parents=True)
-        groups = _group_names(train_state)
+        groups, shapes = _layout(train_state)
         if train_state.get("zero_stage", 0):
             state = _from_zero(path / TAG, tag, trust)
         else:
             state = _from_ddp(path, tag, groups, trust)
-        _complete(tag, groups, state, train_state)
+        _complete(tag, groups, shapes, state, train_state)
         for rng in path.glob("random_states_*.pkl"):
             shutil.copy2(rng, tmp / rng.name)
         _write_json(tmp / CONVERTED, source)  # last: marks the folder complete
@@ -179,13 +180,14 @@ def _convert(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _group_names(train_state: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """The optimizer's parameter order for the checkpoint's architecture (a meta-device copy: no memory)."""
+def _layout(train_state: dict[str, Any]) -> tuple[tuple[list[str], list[str]], dict[str, torch.Size]]:
+    """The optimizer's parameter order and the parameter shapes of the checkpoint's architecture (from a copy
+    built on the meta device: no memory)."""
     from mpnet_dist.model import MPNetConfig, MPNetForPretraining
 
     with torch.device("meta"):
         model = MPNetForPretraining(MPNetConfig.from_dict(train_state["model_config"]))
-    return param_group_names(model)
+    return param_group_names(model), {name: p.shape for name, p in model.named_parameters()}
 
 
 def _from_zero(source_tag: Path, tag: Path, trust: bool) -> dict[str, Any]:
@@ -234,7 +236,11 @@ def _from_ddp(path: Path, tag: Path, groups: tuple[list[str], list[str]], trust:
 
 
 def _complete(
-    tag: Path, groups: tuple[list[str], list[str]], state: dict[str, Any], train_state: dict
+    tag: Path,
+    groups: tuple[list[str], list[str]],
+    shapes: dict[str, torch.Size],
+    state: dict[str, Any],
+    train_state: dict,
 ) -> None:
     """Make the folder loadable by every ZeRO stage: the converters write only what the source stage reads."""
     import deepspeed
@@ -245,6 +251,10 @@ def _complete(
     if missing:
         raise ValueError(f"no fp32 weights for {missing[:5]} in the converted checkpoint")
     for name in names:
+        for key in _STATES:  # ZeRO-3's converter writes flat bare tensors; ZeRO-1/2 read {"param": shaped}
+            value = torch.load(zero / name / f"{key}.pt", weights_only=True)
+            if not isinstance(value, dict):
+                torch.save({"param": value.reshape(shapes[name])}, zero / name / f"{key}.pt")
         if not (zero / name / "step.pt").is_file():
             if state["step"] is None:
                 raise ValueError(f"no optimizer step for {name}")
