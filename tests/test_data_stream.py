@@ -8,9 +8,10 @@ from itertools import islice
 import pytest
 import torch
 
+from mpnet_dist.checkpoint.state import data_state_from_dict, merge_stream_states
 from mpnet_dist.data import DataError, build_data
-from mpnet_dist.data.stream_loader import default_streams, merge_states
-from tests.conftest import doc_ids, doc_text, make_cfg, recover_rows
+from mpnet_dist.data.stream_loader import default_streams
+from tests.helpers import doc_ids, doc_text, make_cfg, recover_rows
 
 N_FILES, PER_FILE, EVAL = 3, 20, 5
 SHORT = "begin nine nine nine end"  # 24 characters: dropped by --min-text-length 27
@@ -186,7 +187,8 @@ def test_resume_on_another_world_size_continues_the_global_rows(
     full = _global_steps([build_data(cfg, tokenizer, r, 2) for r in range(2)], 2, 10)
     first = [build_data(cfg, tokenizer, r, 2) for r in range(2)]
     assert _global_steps(first, 2, 4) == full[:4]
-    saved = merge_states([torch.load(_saved(d.train.state_dict()), weights_only=True) for d in first])
+    files = [torch.load(_saved(d.train.state_dict()), weights_only=True) for d in first]
+    saved = merge_stream_states([data_state_from_dict(f) for f in files], "test")
     cfg = _cfg(
         jsonl_dir, batch_size=batch, num_workers=workers
     )  # default streams: the checkpoint's count wins

@@ -24,11 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mpnet_dist.checkpoint.state import DataState, StreamDataState, data_state_from_dict, data_state_to_dict
 from mpnet_dist.data.errors import DataError
-from mpnet_dist.data.loader import _identity, make_batch
+from mpnet_dist.data.loader import make_batch, whole_batch
 from mpnet_dist.data.stream import StreamReader, start_state
-
-STATE_VERSION = 2  # 1: per-reader states tied to processes x workers (before logical streams)
 
 
 def default_streams(world_size: int, num_workers: int) -> int:
@@ -135,7 +134,7 @@ class StreamBatches:
         if workers == 0:
             self._it = iter(packets)
         else:
-            loader = DataLoader(packets, batch_size=None, num_workers=workers, collate_fn=_identity)
+            loader = DataLoader(packets, batch_size=None, num_workers=workers, collate_fn=whole_batch)
             self._it = iter(loader)
         self._buffers: dict[int, deque] = {s: deque() for s in self.local}
 
@@ -165,56 +164,36 @@ class StreamBatches:
         return make_batch(tokens, starts, np.array([r[2] for r in rows], dtype=np.uint64), self.spec)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "kind": "stream",
-            "version": STATE_VERSION,
-            "source": self.source,
-            "seed": self.seed,
-            "n_streams": self.n_streams,
-            "rows_consumed": self.rows_consumed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "streams": {s: dict(state) for s, state in self.states.items()},
-        }
+        state = StreamDataState(
+            source=self.source,
+            seed=self.seed,
+            n_streams=self.n_streams,
+            rows_consumed=self.rows_consumed,
+            rank=self.rank,
+            world_size=self.world_size,
+            streams={s: dict(position) for s, position in self.states.items()},
+        )
+        return data_state_to_dict(state)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """`state`: merge_states() of every rank's file (or one file when saved by one process)."""
-        if state.get("kind") != "stream":
+    def load_state_dict(self, state: dict[str, Any] | DataState) -> None:
+        """`state`: every rank's streams (checkpoint.state.read_data_state merges the files), or this rank's."""
+        saved = data_state_from_dict(state)
+        if not isinstance(saved, StreamDataState):
             raise DataError(
                 "the checkpoint's data state is for local files but this run streams --dataset-name; "
                 "resume with the same data source as the saved run"
             )
-        if state.get("version") != STATE_VERSION:
+        if saved.source != self.source or saved.seed != self.seed:
             raise DataError(
-                "the checkpoint's streaming data state predates logical streams (mpnet-dist 0.1 before elastic "
-                "resume): resume it with the mpnet-dist version that wrote it, on the same number of processes"
-            )
-        if state["source"] != self.source or state["seed"] != self.seed:
-            raise DataError(
-                f"the streaming data state is for {state['source']!r} with seed {state['seed']}; this run streams "
+                f"the streaming data state is for {saved.source!r} with seed {saved.seed}; this run streams "
                 f"{self.source!r} with seed {self.seed}. Resume with the saved --dataset-name and --seed."
             )
-        if state["n_streams"] != self.n_streams:
-            self._plan(state["n_streams"])  # the run's stream count was fixed when it started
-        streams = {int(s): v for s, v in state["streams"].items()}
+        if saved.n_streams != self.n_streams:
+            self._plan(saved.n_streams)  # the run's stream count was fixed when it started
+        streams = {int(s): position for s, position in saved.streams.items()}
         missing = [s for s in self.local if s not in streams]
         if missing:
             raise DataError(f"the streaming data state lacks the positions of logical streams {missing[:8]}")
         self.states = {s: dict(streams[s]) for s in self.local}
-        self.rows_consumed = int(state["rows_consumed"])
+        self.rows_consumed = int(saved.rows_consumed)
         self._it = None
-
-
-def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every rank's streaming state -> one: the union of their streams' positions (ranks own disjoint streams)."""
-    merged = dict(states[0], streams={})
-    for state in states:
-        if state.get("version") != STATE_VERSION:
-            return states[0]  # refused with its message by load_state_dict
-        if state["rows_consumed"] != merged["rows_consumed"]:
-            raise DataError(
-                f"the ranks' streaming data states disagree (rows consumed {state['rows_consumed']} vs "
-                f"{merged['rows_consumed']}): the checkpoint is damaged; resume from another one"
-            )
-        merged["streams"].update(state["streams"])
-    return merged

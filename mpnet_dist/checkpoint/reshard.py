@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import pickle
 import shutil
 import time
@@ -36,13 +37,16 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from mpnet_dist.checkpoint.errors import CheckpointError
+from mpnet_dist.checkpoint.folders import universal_folder
+from mpnet_dist.checkpoint.state import TRAIN_STATE_FILE, TrainState
+from mpnet_dist.checkpoint.weights_only import deepspeed_safe_loads
 from mpnet_dist.distributed import zero_stage
 from mpnet_dist.optim import param_group_names
 
 logger = logging.getLogger("mpnet_dist")
 
 TAG = "pytorch_model"  # Accelerate's DeepSpeed tag folder (MODEL_NAME)
-SUFFIX = ".universal"
 CONVERTED = "converted.json"  # written last: a universal folder without it is incomplete
 LAYOUT_VERSION = 1  # of what _complete() writes; a folder of another version is converted again
 _STATES = ("fp32", "exp_avg", "exp_avg_sq")
@@ -66,19 +70,15 @@ def kind(stage: int) -> str:
     return f"ZeRO-{stage}" if stage else "DDP"
 
 
-def needs_conversion(train_state: dict[str, Any], accelerator: Accelerator) -> bool:
+def needs_conversion(train_state: TrainState, accelerator: Accelerator) -> bool:
     """A ZeRO checkpoint on another process count or stage, or a DDP checkpoint under ZeRO."""
-    saved_stage, stage = train_state.get("zero_stage", 0), zero_stage(accelerator)
+    saved_stage, stage = train_state.zero_stage, zero_stage(accelerator)
     if saved_stage == 0:
         return stage > 0
-    return saved_stage != stage or train_state.get("world_size", 1) != accelerator.num_processes
+    return saved_stage != stage or train_state.world_size != accelerator.num_processes
 
 
-def universal_folder(path: Path) -> Path:
-    return path.with_name(path.name + SUFFIX)
-
-
-def load_converted(accelerator: Accelerator, path: Path, train_state: dict[str, Any], trust: bool) -> None:
+def load_converted(accelerator: Accelerator, path: Path, train_state: TrainState, trust: bool) -> None:
     """Collective: restore model, optimizer and RNG state from `path` through its universal form."""
     started = time.perf_counter()
     folder, reused = ensure_universal(accelerator, path, train_state, trust)
@@ -87,7 +87,7 @@ def load_converted(accelerator: Accelerator, path: Path, train_state: dict[str, 
         _load_into_deepspeed(accelerator, folder, stage, trust)
     else:
         _load_into_ddp(accelerator, folder, path)
-    saved = f"{kind(train_state.get('zero_stage', 0))} on {train_state.get('world_size', 1)} process(es)"
+    saved = f"{kind(train_state.zero_stage)} on {train_state.world_size} process(es)"
     logger.info(
         "resuming %s (written by %s) as %s on %d process(es): %s universal checkpoint %s (%.1fs)",
         path.name, saved, kind(stage), accelerator.num_processes, "reused" if reused else "converted to",
@@ -96,11 +96,9 @@ def load_converted(accelerator: Accelerator, path: Path, train_state: dict[str, 
 
 
 def ensure_universal(
-    accelerator: Accelerator, path: Path, train_state: dict[str, Any], trust: bool
+    accelerator: Accelerator, path: Path, train_state: TrainState, trust: bool
 ) -> tuple[Path, bool]:
     """Collective: rank 0 writes path's universal folder unless an up-to-date one exists; every rank gets it."""
-    from mpnet_dist.checkpoint import CheckpointError
-
     folder, source = universal_folder(path), _source_record(path)
     reused = _is_current(folder, source)
     error = None
@@ -126,15 +124,22 @@ def ensure_universal(
             f"could not convert {path} into {folder} for a resume on {accelerator.num_processes} process(es) "
             f"({type(error).__name__ + ': ' + str(error) if error else 'failed on rank 0; see its log'}). Resume "
             f"with the launch config and process count that wrote it (train_state.json: zero_stage "
-            f"{train_state.get('zero_stage', 0)}, world_size {train_state.get('world_size', 1)}), or export the "
+            f"{train_state.zero_stage}, world_size {train_state.world_size}), or export the "
             f"weights (`mpnet-dist export {path} OUT`) and start a new run with --hf-model-path OUT."
         ) from error
     return folder, reused
 
 
 def _source_record(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256((path / "train_state.json").read_bytes()).hexdigest()
+    digest = hashlib.sha256((path / TRAIN_STATE_FILE).read_bytes()).hexdigest()
     return {"source": path.name, "train_state_sha256": digest, "layout": LAYOUT_VERSION}
+
+
+def _write_record(file: Path, record: dict[str, Any]) -> None:
+    with open(file, "w") as fh:
+        json.dump(record, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _is_current(folder: Path, source: dict[str, Any]) -> bool:
@@ -144,29 +149,23 @@ def _is_current(folder: Path, source: dict[str, Any]) -> bool:
         return False
 
 
-def _convert(
-    path: Path, folder: Path, train_state: dict[str, Any], source: dict[str, Any], trust: bool
-) -> None:
+def _convert(path: Path, folder: Path, train_state: TrainState, source: dict[str, Any], trust: bool) -> None:
     """Write the universal folder under a name of this process's own (two jobs resuming the same checkpoint at
     once each convert), then rename it into place unless the other finished first."""
-    import os
-
-    from mpnet_dist.checkpoint import _write_json
-
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tag = tmp / TAG
     try:
         tag.mkdir(parents=True)
         groups, shapes = _layout(train_state)
-        if train_state.get("zero_stage", 0):
+        if train_state.zero_stage:
             state = _from_zero(path / TAG, tag, trust)
         else:
             state = _from_ddp(path, tag, groups, trust)
         _complete(tag, groups, shapes, state, train_state)
         for rng in path.glob("random_states_*.pkl"):
             shutil.copy2(rng, tmp / rng.name)
-        _write_json(tmp / CONVERTED, source)  # last: marks the folder complete
+        _write_record(tmp / CONVERTED, source)  # last: marks the folder complete
         if not _is_current(folder, source):
             stale = folder.with_name(f".old-{folder.name}-{os.getpid()}")
             if folder.exists():
@@ -180,13 +179,13 @@ def _convert(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _layout(train_state: dict[str, Any]) -> tuple[tuple[list[str], list[str]], dict[str, torch.Size]]:
+def _layout(train_state: TrainState) -> tuple[tuple[list[str], list[str]], dict[str, torch.Size]]:
     """The optimizer's parameter order and the parameter shapes of the checkpoint's architecture (from a copy
     built on the meta device: no memory)."""
     from mpnet_dist.model import MPNetConfig, MPNetForPretraining
 
     with torch.device("meta"):
-        model = MPNetForPretraining(MPNetConfig.from_dict(train_state["model_config"]))
+        model = MPNetForPretraining(MPNetConfig.from_dict(train_state.model_config))
     return param_group_names(model), {name: p.shape for name, p in model.named_parameters()}
 
 
@@ -240,7 +239,7 @@ def _complete(
     groups: tuple[list[str], list[str]],
     shapes: dict[str, torch.Size],
     state: dict[str, Any],
-    train_state: dict,
+    train_state: TrainState,
 ) -> None:
     """Make the folder loadable by every ZeRO stage: the converters write only what the source stage reads."""
     import deepspeed
@@ -282,10 +281,10 @@ def _complete(
                 shutil.copy2(existing[0], tag / name)
     else:  # a DDP source: the engine reads only these counters from it under load_universal
         counters = {
-            "global_steps": int(train_state["step"]),
+            "global_steps": train_state.step,
             "global_samples": 0,
             "skipped_steps": 0,
-            "dp_world_size": int(train_state.get("world_size", 1)),
+            "dp_world_size": train_state.world_size,
             "mp_world_size": 1,
             "ds_version": deepspeed.__version__,
             "module": None,
@@ -327,8 +326,6 @@ def _load_into_ddp(accelerator: Accelerator, folder: Path, source: Path) -> None
     """Weights and Adam state from the universal folder (whole tensors on every rank); RNG from the checkpoint."""
     from accelerate.checkpointing import load_accelerator_state
 
-    from mpnet_dist.checkpoint import CheckpointError
-
     model, optimizer = accelerator.unwrap_model(accelerator._models[0]), accelerator._optimizers[0]
     zero = folder / TAG / "zero"
     groups = param_group_names(model)
@@ -368,15 +365,8 @@ def safe_loads(trust: bool) -> Iterator[None]:
     weights-only (with the allow-list of DeepSpeed's own objects) unless --trust-checkpoint."""
     import importlib
 
-    from mpnet_dist.consolidate import deepspeed_safe_loads
-
     with contextlib.ExitStack() as stack:
         for name in _DEEPSPEED_LOADERS:
             with contextlib.suppress(ImportError):
                 stack.enter_context(deepspeed_safe_loads(importlib.import_module(name), trust))
         yield
-
-
-def prune_converted(checkpoint: Path) -> None:
-    """Remove a checkpoint's universal folder with it (main process)."""
-    shutil.rmtree(universal_folder(checkpoint), ignore_errors=True)
