@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mpnet-dist train: error: {err}", file=sys.stderr)
         return 2
-    return run(cfg)
+    try:
+        return run(cfg)
+    except ConfigError as err:  # found once the process count is known (--global-batch-size)
+        print(f"mpnet-dist train: error: {err}", file=sys.stderr)
+        return 2
 
 
 def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
