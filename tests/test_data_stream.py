@@ -8,11 +8,29 @@ from itertools import islice
 import pytest
 import torch
 
-from mpnet_dist.checkpoint.state import data_state_from_dict, merge_stream_states
+from mpnet_dist.checkpoint.state import data_state_from_dict, merge_stream_states, read_data_state
 from mpnet_dist.data import DataError, build_data
 from mpnet_dist.data.stream_loader import default_streams
-from tests.helpers import doc_ids, doc_text, make_cfg, recover_rows
+from tests import corpus
+from tests.helpers import (
+    CONFIGS,
+    NO_DROPOUT,
+    doc_ids,
+    doc_text,
+    finish_all,
+    make_cfg,
+    max_loss_diff,
+    max_weight_diff,
+    recover_rows,
+    start,
+    tiny_args,
+    train,
+    train_losses,
+    train_state,
+    weights,
+)
 
+tiny_corpus = corpus.tiny_corpus  # session fixture
 N_FILES, PER_FILE, EVAL = 3, 20, 5
 SHORT = "begin nine nine nine end"  # 24 characters: dropped by --min-text-length 27
 
@@ -115,11 +133,11 @@ def test_resume_is_exact_twice_in_a_row(tokenizer, jsonl_dir, workers):
     run = build_data(cfg, tokenizer, 1, 2)
     assert all(_equal(a, b) for a, b in zip(islice(run.train, 7), full, strict=False))
     state = run.train.state_dict()
-    for start, stop in ((7, 15), (15, 24)):  # resume, then resume the resumed run
+    for begin, stop in ((7, 15), (15, 24)):  # resume, then resume the resumed run
         run = build_data(cfg, tokenizer, 1, 2)
         run.train.load_state_dict(torch.load(_saved(state), weights_only=True))
-        got = list(islice(run.train, stop - start))
-        assert all(_equal(a, b) for a, b in zip(got, full[start:stop], strict=True)), (start, stop)
+        got = list(islice(run.train, stop - begin))
+        assert all(_equal(a, b) for a, b in zip(got, full[begin:stop], strict=True)), (begin, stop)
         state = run.train.state_dict()
 
 
@@ -197,3 +215,42 @@ def test_resume_on_another_world_size_continues_the_global_rows(
         data.train.load_state_dict(saved)
     assert _global_steps(resumed, update_freq, 6) == full[4:]
     assert sum(full[4].values()) == 12
+
+
+def _train_args(corpus, run_dir, *extra):
+    """The tiny model trained on the corpus's documents streamed from JSON lines (default: 12 logical streams),
+    24 rows a step: --batch-size 3 and --global-batch-size 24 set --update-freq for each process count."""
+    args = tiny_args(corpus, run_dir, *NO_DROPOUT, "--batch-size", "3", "--global-batch-size", "24",
+                     "--checkpoint-interval", "3", "--dataset-name", str(corpus["stream"]), "--eval-samples", "8",
+                     "--min-text-length", "20", "--buffer-size", "16", *extra)  # fmt: skip
+    files = {"--train-dir", "--valid-file", "--test-file"}  # tiny_args' local files: not with --dataset-name
+    return [a for i, a in enumerate(args) if a not in files and (i == 0 or args[i - 1] not in files)]
+
+
+@pytest.mark.slow
+def test_streaming_training_resumes_on_one_and_four_processes(tiny_corpus, tmp_path):
+    """2 processes to step 6 (checkpoint at 3); from step 3 again on 1 process (here) and on 4 (launched)."""
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    docs = corpus.docstrings()
+    for i in range(4):
+        (folder / f"part{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[i::4]))
+    data = {**tiny_corpus, "stream": folder}
+    full, four, one = tmp_path / "full", tmp_path / "four", tmp_path / "one"
+    finish_all([(start(CONFIGS / "cpu_2proc.yaml", _train_args(data, full), "--main_process_port", "0",
+                       log=tmp_path / "full.log"), tmp_path / "full.log")])  # fmt: skip
+    resume = ("--resume-checkpoint", str(full / "step-00000003"))
+    launched = start(CONFIGS / "cpu_2proc.yaml", _train_args(data, four, *resume), "--num_processes", "4",
+                     "--main_process_port", "0", log=tmp_path / "four.log")  # fmt: skip
+    assert train(_train_args(data, one, *resume)) == 0
+    finish_all([(launched, tmp_path / "four.log")])
+    for resumed, world in ((one, 1), (four, 4)):
+        state = train_state(resumed)
+        assert (state["world_size"], state["config"]["update_freq"]) == (world, 8 // world)
+        assert max_loss_diff(train_losses(full), train_losses(resumed), (4, 5, 6)) < 1e-5
+        assert max_weight_diff(weights(full), weights(resumed)) < 1e-5
+        assert state["tokens"] == train_state(full)["tokens"]
+        # The data position: every logical stream at the same place, the same global row count.
+        ends = [read_data_state(run / "final", 0) for run in (full, resumed)]
+        assert ends[0].streams == ends[1].streams and ends[0].rows_consumed == ends[1].rows_consumed == 6 * 24
+        assert len(ends[0].streams) == 12
