@@ -119,7 +119,8 @@ def kill_once(corpus: dict, run_dir: Path, steps: int, target: int, victim: str,
     # The kill really landed mid-save if the folder it was writing is still there, unfinished.
     interrupted = writing if writing and (run_dir / writing).is_dir() else None
     named = [p for p in run_dir.iterdir() if p.name.startswith("step-") or p.name in ("best", "final")]
-    incomplete = [p.name for p in named if not is_complete(p)]
+    incomplete = [p.name for p in named if not (p / "converted.json" if p.suffix == ".universal" else p).exists()
+                  or (p.suffix != ".universal" and not is_complete(p))]  # fmt: skip
     assert not incomplete, f"incomplete folders under checkpoint names: {incomplete}"
     latest = latest_checkpoint(run_dir)
     resumed_from = json.loads((latest / "train_state.json").read_text())["step"] if latest else 0
