@@ -156,6 +156,25 @@ def _come_back_with_one_gpu(job: str, env: dict, out: Path) -> None:
     _run(["scontrol", "release", job], env)
 
 
+def _check_job_output(job: str, env: dict, text: str, run_dir: Path) -> int:
+    """Both runs of the job in its one output file (--open-mode=append): 2 processes, then 1; the step it
+    stopped at; every step logged once. -> that step."""
+    assert _job_field(job, env, "JobState") == "COMPLETED", text[-3000:]
+    assert _job_field(job, env, "Restarts") == "1", text[-3000:]
+    # --open-mode=append: both runs' output is in the one file
+    assert re.search(rf"job {job} restart 0: 1 node\(s\) x 2 process\(es\)", text), text[-3000:]
+    assert re.search(rf"job {job} restart 1: 1 node\(s\) x 1 process\(es\)", text), text[-3000:]
+    assert f"head localhost:{10000 + int(job) % 50000}" in text  # port derived from the job id
+    stopped = re.search(r"stop requested: saved step (\d+)", text)
+    assert stopped, f"the first run did not stop on the signal:\n{text[-3000:]}"
+    k = int(stopped.group(1))
+    assert 1 <= k < TOTAL_STEPS and f"requeueing job {job}" in text
+    assert re.search(rf"resumed from \S*step-{k:08d} at step {k}", text), text[-3000:]
+    assert _train_steps(run_dir) == list(range(1, TOTAL_STEPS + 1))  # every step logged once across both runs
+    assert not (run_dir / "PREEMPTED").exists() and not (run_dir / "PREEMPT").exists()
+    return k
+
+
 @pytest.mark.slow
 def test_signalled_job_saves_requeues_and_resumes_on_the_gpus_it_gets_back(cluster, tiny_corpus, tmp_path):
     """2 GPUs (processes) before the requeue, 1 after: the same global batch (--global-batch-size) continues."""
@@ -201,20 +220,7 @@ def test_signalled_job_saves_requeues_and_resumes_on_the_gpus_it_gets_back(clust
     _wait_for(finished, 300, "the requeued job to finish", out)
     finish(reference, ref_log)
 
-    text = out.read_text(errors="replace")
-    assert _job_field(job, env, "JobState") == "COMPLETED", text[-3000:]
-    assert _job_field(job, env, "Restarts") == "1", text[-3000:]
-    # --open-mode=append: both runs' output is in the one file
-    assert re.search(rf"job {job} restart 0: 1 node\(s\) x 2 process\(es\)", text), text[-3000:]
-    assert re.search(rf"job {job} restart 1: 1 node\(s\) x 1 process\(es\)", text), text[-3000:]
-    assert f"head localhost:{10000 + int(job) % 50000}" in text  # port derived from the job id
-    stopped = re.search(r"stop requested: saved step (\d+)", text)
-    assert stopped, f"the first run did not stop on the signal:\n{text[-3000:]}"
-    k = int(stopped.group(1))
-    assert 1 <= k < TOTAL_STEPS and f"requeueing job {job}" in text
-    assert re.search(rf"resumed from \S*step-{k:08d} at step {k}", text), text[-3000:]
-    assert _train_steps(run_dir) == list(range(1, TOTAL_STEPS + 1))  # every step logged once across both runs
-    assert not (run_dir / "PREEMPTED").exists() and not (run_dir / "PREEMPT").exists()
+    k = _check_job_output(job, env, out.read_text(errors="replace"), run_dir)
     state = train_state(run_dir)
     assert (state["step"], state["world_size"], state["config"]["update_freq"]) == (TOTAL_STEPS, 1, 4)
     assert state["tokens"] == train_state(ref_dir)["tokens"]  # the same rows, on half the processes

@@ -50,7 +50,6 @@ TAG = "pytorch_model"  # Accelerate's DeepSpeed tag folder (MODEL_NAME)
 CONVERTED = "converted.json"  # written last: a universal folder without it is incomplete
 LAYOUT_VERSION = 1  # of what _complete() writes; a folder of another version is converted again
 _STATES = ("fp32", "exp_avg", "exp_avg_sq")
-# The file the engine reads its counters from under load_universal: ZeRO-1/2, ZeRO-3.
 _MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 # Modules whose own torch.load(weights_only=False) reads checkpoint files during conversion or a universal load.
 _DEEPSPEED_LOADERS = (
@@ -242,55 +241,68 @@ def _complete(
     train_state: TrainState,
 ) -> None:
     """Make the folder loadable by every ZeRO stage: the converters write only what the source stage reads."""
-    import deepspeed
-
-    zero = tag / "zero"
     names = [name for group in groups for name in group]
-    missing = [name for name in names if not (zero / name / "fp32.pt").is_file()]
-    if missing:
-        raise ValueError(f"no fp32 weights for {missing[:5]} in the converted checkpoint")
-    for name in names:
-        for key in _STATES:  # ZeRO-3's converter writes flat bare tensors; ZeRO-1/2 read {"param": shaped}
-            value = torch.load(zero / name / f"{key}.pt", weights_only=True)
-            if not isinstance(value, dict):
-                torch.save({"param": value.reshape(shapes[name])}, zero / name / f"{key}.pt")
-        if not (zero / name / "step.pt").is_file():
-            if state["step"] is None:
-                raise ValueError(f"no optimizer step for {name}")
-            torch.save(state["step"], zero / name / "step.pt")
-    step = (
-        state["step"]
-        if state["step"] is not None
-        else torch.load(zero / names[0] / "step.pt", weights_only=True)
-    )
+    step = _complete_parameters(tag / "zero", names, shapes, state["step"])
     param_groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
     for index, group in enumerate(param_groups):
         group["params"] = [index]
     keep = {k: v for k, v in state["extra"].items() if k in ("loss_scaler", "dynamic_loss_scale", "overflow")}
     optimizer_state = {
         **keep,
-        "ds_version": deepspeed.__version__,
+        "ds_version": _deepspeed_version(),
         "param_groups": param_groups,  # ZeRO-1/2 read these, group by group
         "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": param_groups},  # ZeRO-3
     }
-    torch.save(optimizer_state, zero / "optimizer_state.pt")
+    torch.save(optimizer_state, tag / "zero" / "optimizer_state.pt")
+    _complete_model_states(tag, train_state)
+
+
+def _complete_parameters(
+    zero: Path, names: list[str], shapes: dict[str, torch.Size], step: torch.Tensor | None
+) -> torch.Tensor:
+    """Every parameter's fp32/exp_avg/exp_avg_sq as {"param": tensor of its shape} (ZeRO-3's converter writes
+    flat bare tensors; ZeRO-1/2 read the former) and a step.pt (ZeRO-3 keeps one step for all); -> the step."""
+    missing = [name for name in names if not (zero / name / "fp32.pt").is_file()]
+    if missing:
+        raise ValueError(f"no fp32 weights for {missing[:5]} in the converted checkpoint")
+    for name in names:
+        for key in _STATES:
+            value = torch.load(zero / name / f"{key}.pt", weights_only=True)
+            if not isinstance(value, dict):
+                torch.save({"param": value.reshape(shapes[name])}, zero / name / f"{key}.pt")
+        if not (zero / name / "step.pt").is_file():
+            if step is None:
+                raise ValueError(f"no optimizer step for {name}")
+            torch.save(step, zero / name / "step.pt")
+    return step if step is not None else torch.load(zero / names[0] / "step.pt", weights_only=True)
+
+
+def _complete_model_states(tag: Path, train_state: TrainState) -> None:
+    """The engine reads its counters from mp_rank_00_model_states.pt (ZeRO-1/2) or zero_pp_rank_0_... (ZeRO-3):
+    copy the source stage's file under the other name, or write the counters for a DDP source."""
     existing = [tag / name for name in _MODEL_STATES if (tag / name).is_file()]
     if existing:
         for name in _MODEL_STATES:
             if not (tag / name).is_file():
                 shutil.copy2(existing[0], tag / name)
-    else:  # a DDP source: the engine reads only these counters from it under load_universal
-        counters = {
-            "global_steps": train_state.step,
-            "global_samples": 0,
-            "skipped_steps": 0,
-            "dp_world_size": train_state.world_size,
-            "mp_world_size": 1,
-            "ds_version": deepspeed.__version__,
-            "module": None,
-        }
-        for name in _MODEL_STATES:
-            torch.save(counters, tag / name)
+        return
+    counters = {
+        "global_steps": train_state.step,
+        "global_samples": 0,
+        "skipped_steps": 0,
+        "dp_world_size": train_state.world_size,
+        "mp_world_size": 1,
+        "ds_version": _deepspeed_version(),
+        "module": None,
+    }
+    for name in _MODEL_STATES:
+        torch.save(counters, tag / name)
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
 
 
 def _load_into_deepspeed(accelerator: Accelerator, folder: Path, stage: int, trust: bool) -> None:
