@@ -70,6 +70,7 @@ def test_prune_removes_a_checkpoint_s_universal_copy_with_it(tmp_path):
     for step in (1, 2):
         checkpoint(tmp_path, step_name(step), step)
         (tmp_path / f"{step_name(step)}.universal" / "pytorch_model").mkdir(parents=True)
+    (tmp_path / ".tmp-step-00000001.universal-4242").mkdir()  # a conversion killed half-way
     assert [s for s, _ in interval_checkpoints(tmp_path)] == [1, 2]  # a universal folder is no checkpoint
     assert prune_checkpoints(tmp_path, 1) == [tmp_path / "step-00000001"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000002.universal"]

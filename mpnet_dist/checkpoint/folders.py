@@ -87,6 +87,8 @@ def prune_checkpoints(run_dir: Path, keep: int, protect: Path | None = None) -> 
         except OSError as err:
             logger.warning("--keep-checkpoints: could not delete %s (%s); kept it", path, err)
             continue
-        shutil.rmtree(universal_folder(path), ignore_errors=True)  # its converted copy, if a resume made one
+        # Its converted copy, if a resume made one, and any a killed conversion left half-written.
+        for converted in (universal_folder(path), *run_dir.glob(f".tmp-{universal_folder(path).name}-*")):
+            shutil.rmtree(converted, ignore_errors=True)
         removed.append(path)
     return removed
