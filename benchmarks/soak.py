@@ -151,7 +151,7 @@ def main() -> int:
     elastic = bool(opts.world_sizes)
     sizes = [int(w) for w in opts.world_sizes.split(",")] if elastic else [2]
     configs = opts.configs.split(",")
-    extra = ELASTIC if elastic else ()
+    extra = (*(ELASTIC if elastic else ()), "--lr", opts.lr)
     t0 = time.monotonic()
     reference_dir, chaos_dir = opts.out / "reference", opts.out / "chaos"
     reference = launch(corpus, reference_dir, opts.steps, *extra)
