@@ -4,6 +4,7 @@ state.py         the files mpnet-dist defines (train_state.json, data_state_rank
 folders.py       names, finding the newest complete checkpoint, pruning
 writer.py        save_checkpoint (collective): temporary folder, train state last, rename into place
 reader.py        load_checkpoint: checks that the checkpoint fits this run, then restores it
+reshard.py       a checkpoint of another process count or kind: converted once to a universal one, then loaded
 weights_only.py  no unpickling without --trust-checkpoint (torch and DeepSpeed loaders alike)
 """
 

@@ -1,4 +1,5 @@
-"""Resuming: restore a checkpoint into the prepared model and optimizer, after checking it fits this run.
+"""Resuming: restore a checkpoint into the prepared model and optimizer, after checking it fits this run
+(written on another number of processes or by another kind, it goes through reshard.py).
 
 Everything is loaded weights-only unless --trust-checkpoint (see weights_only.py).
 """
