@@ -144,6 +144,7 @@ def main() -> int:
     parser.add_argument(
         "--tolerance", type=float, default=1e-5, help="elastic mode: largest weight/loss diff"
     )
+    parser.add_argument("--lr", default="0.003", help="peak learning rate of both runs")
     opts = parser.parse_args()
     rng = random.Random(opts.seed)
     opts.out.mkdir(parents=True, exist_ok=True)
