@@ -9,7 +9,9 @@ one process. Rows, in tokens/s of model input (no padding in packed blocks):
   baseline        the reference trainer's path: tokenizer(docs, truncation=True) (tails dropped)
   cache->batch    RankBatches: seeded order, memmap gather, make_mpnet_batch (Cython / NumPy)
   1 worker        the same through a DataLoader worker, timed in the training process
-  stream          HF streaming of the corpus as JSON lines: read, shuffle, tokenize, pack, batch
+  stream          HF streaming of the corpus as JSON lines (one file, so one shard): read, shuffle, tokenize,
+                  pack, batch; with 1 logical stream (--data-streams 1), with 12 (the default on 1 process: each
+                  stream reads the whole file and keeps 1 document in 12), and 12 over 4 files (whole shards)
 """
 
 import os
@@ -44,7 +46,8 @@ from mpnet_dist.data.tokenizer import Encoder, fingerprint  # noqa: E402
 def config(cache: str, args: argparse.Namespace, **kw) -> argparse.Namespace:
     base = dict(
         train_dir=None, valid_file=None, test_file=None, dataset_name="builtin", dataset_config=None,
-        dataset_split="train", text_field="text", buffer_size=1000, eval_samples=0, min_text_length=1,
+        dataset_split="train", text_field="text", buffer_size=1000, data_streams=None, eval_samples=0,
+        min_text_length=1,
         max_tokens=args.max_tokens, batch_size=args.batch_size, update_freq=1, num_workers=0, seed=1,
         packing=True, pred_prob=0.15, rand_prob=0.1, keep_prob=0.1, whole_word_mask=True, data_cache_dir=cache,
     )  # fmt: skip
@@ -79,11 +82,14 @@ def tokenize_rates(tokenizer, cache: Path, files: list[Path], max_tokens: int) -
     return ours, kept / (time.perf_counter() - start)
 
 
-def write_jsonl(files: list[Path], out: Path) -> Path:
+def write_jsonl(files: list[Path], out: Path, parts: int = 1) -> Path:
+    """The corpus as `parts` JSON-lines files (document i in file i mod parts)."""
     out.mkdir()
-    with open(out / "corpus.jsonl", "w") as f:
-        for doc in (d for p in files for d in read_documents(p)):
-            f.write(json.dumps({"text": doc}) + "\n")
+    handles = [open(out / f"corpus{i:02d}.jsonl", "w") for i in range(parts)]  # noqa: SIM115
+    for i, doc in enumerate(d for p in files for d in read_documents(p)):
+        handles[i % parts].write(json.dumps({"text": doc}) + "\n")
+    for handle in handles:
+        handle.close()
     return out
 
 
@@ -117,8 +123,19 @@ def main() -> None:
         worker = build_data(config(tmp, args, num_workers=1), tokenizer, 0, 1)
         rows.append(("cache->batch, 1 DataLoader worker", rate(worker.train, args.batches, per_batch)))
         stream_dir = write_jsonl(files, Path(tmp) / "jsonl")
-        stream = build_data(config(tmp, args, dataset_name=str(stream_dir)), tokenizer, 0, 1)
-        rows.append(("stream: read+tokenize+pack+batch", rate(stream.train, args.batches, per_batch)))
+        for label, folder, streams in (
+            ("stream, 1 file, 1 logical stream", stream_dir, 1),
+            ("stream, 1 file, 12 logical streams (default)", stream_dir, None),
+            (
+                "stream, 12 files, 12 logical streams (default)",
+                write_jsonl(files, Path(tmp) / "jsonl12", 12),
+                None,
+            ),
+        ):
+            stream = build_data(
+                config(tmp, args, dataset_name=str(folder), data_streams=streams), tokenizer, 0, 1
+            )
+            rows.append((label, rate(stream.train, args.batches, per_batch)))
     print("| stage (one process) | tokens/s |")
     print("|---|---:|")
     for label, value in rows:

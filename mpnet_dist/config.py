@@ -71,7 +71,12 @@ class TrainConfig:
     dataset_config: str | None = _opt(None, "HF dataset configuration name.")
     dataset_split: str = _opt("train", "HF dataset split to stream.")
     text_field: str = _opt("text", "Field holding the text in JSON lines and HF datasets.")
-    buffer_size: int = _opt(10000, "Streaming shuffle buffer size (documents).")
+    buffer_size: int = _opt(10000, "Streaming shuffle buffer size (documents, per logical stream).")
+    data_streams: int | None = _opt(
+        None,
+        "Streaming: logical streams the data is split into, fixed for the whole run (a resume uses the "
+        "checkpoint's); the process count must divide it (default: lcm(12, processes x max(1, --num-workers))).",
+    )
     eval_samples: int = _opt(500, "Streaming: documents taken for validation and for test, each.")
     min_text_length: int = _opt(64, "Streaming: drop documents shorter than this many characters.")
     packing: bool = _opt(
@@ -92,6 +97,11 @@ class TrainConfig:
     )
     batch_size: int = _opt(16, "Sequences per micro-batch per process.")
     update_freq: int = _opt(8, "Micro-batches accumulated per optimizer step.", "-gc_steps")
+    global_batch_size: int | None = _opt(
+        None,
+        "Sequences per optimizer step, all processes: sets --update-freq to it / (--batch-size x processes), "
+        "so a run resumed on another process count (a requeued job with fewer nodes) keeps its batch.",
+    )
     lr: float = _opt(6e-4, "Peak learning rate.")
     end_learning_rate: float = _opt(0.0, "Learning rate at the end of the polynomial decay.", "-end_lr")
     power: float = _opt(1.0, "Polynomial decay power.")
@@ -252,6 +262,9 @@ class TrainConfig:
 
     def _distributed_problems(self) -> list[str]:
         problems = []
+        for name in ("data_streams", "global_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{flag(name)} must be >= 1 (got {getattr(self, name)})")
         if self.dist_timeout_s < 1:
             problems.append(f"{flag('dist_timeout_s')} must be >= 1 (got {self.dist_timeout_s})")
         if self.deepspeed_overrides is not None and not isinstance(
@@ -263,6 +276,19 @@ class TrainConfig:
                 f"{self.deepspeed_overrides!r}"
             )
         return problems
+
+    def set_update_freq_for(self, world_size: int) -> None:
+        """--global-batch-size: the --update-freq that keeps it on `world_size` processes (a ConfigError if none)."""
+        if self.global_batch_size is None:
+            return
+        per_micro_batch = self.batch_size * world_size
+        if self.global_batch_size % per_micro_batch:
+            raise ConfigError(
+                f"{flag('global_batch_size')} {self.global_batch_size} is not a multiple of {flag('batch_size')} "
+                f"{self.batch_size} x {world_size} process(es) = {per_micro_batch}: pick a --batch-size that, times "
+                f"the process count, divides it"
+            )
+        self.update_freq = self.global_batch_size // per_micro_batch
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

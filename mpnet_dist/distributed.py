@@ -86,6 +86,9 @@ def build_accelerator(cfg: Any) -> Accelerator:
             "--mixed-precision fp16 needs a CUDA GPU; on CPU use --mixed-precision bf16 (or no)"
         )
     accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=handlers, **kwargs)
+    if cfg.global_batch_size is not None:
+        cfg.set_update_freq_for(accelerator.num_processes)  # needs the process count: known only now
+        accelerator.gradient_accumulation_steps = cfg.update_freq
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _align_deepspeed_config(accelerator, cfg)
     return accelerator

@@ -11,11 +11,8 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
 
     Tied parameters appear once: named_parameters() de-duplicates by identity.
     """
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
+    params = dict(model.named_parameters())
+    decay, no_decay = ([params[name] for name in names] for names in param_group_names(model))
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -30,6 +27,19 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
         eps=cfg.adam_eps,
         fused=fused,
     )
+
+
+def param_group_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(decay, no-decay) parameter names in the optimizer's order: the layout of its state, by group and index.
+
+    Shapes are read from the module as built (call it before ZeRO-3 partitions the parameters, or on a copy
+    built on the meta device).
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(name)
+    return decay, no_decay
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, end: float = 0.0, power: float = 1.0) -> float:

@@ -9,7 +9,9 @@
 # touches $RUN_DIR/PREEMPT; every rank sees it, they agree at the next step boundary, save step-N, write
 # $RUN_DIR/PREEMPTED and exit 0. The script turns that marker into `scontrol requeue`, and the requeued job
 # resumes from the newest complete checkpoint (--resume). A file is used, not a signal to the workers,
-# because the torch elastic agent under `accelerate launch` does not forward SIGUSR1.
+# because the torch elastic agent under `accelerate launch` does not forward SIGUSR1. A requeued job may get
+# fewer or more nodes/GPUs (e.g. sbatch --nodes=2-4): it starts one process per GPU it has and resumes on them;
+# put --global-batch-size in ARGS to keep the batch (README.md, "Changing the number of GPUs").
 #
 # Environment (sbatch exports the submitting shell's environment):
 #   RUN_DIR        run/checkpoint directory on a filesystem all nodes share (default: ./runs/$SLURM_JOB_NAME)

@@ -70,9 +70,9 @@ def recover_rows(batch: dict) -> np.ndarray:
 def make_cfg(**overrides) -> types.SimpleNamespace:
     cfg = dict(
         train_dir=None, valid_file=None, test_file=None, dataset_name=None, dataset_config=None,
-        dataset_split="train", text_field="text", buffer_size=16, eval_samples=0, min_text_length=1,
-        max_tokens=32, batch_size=4, update_freq=1, num_workers=0, seed=7, packing=True, pred_prob=0.15,
-        rand_prob=0.1, keep_prob=0.1, whole_word_mask=True, data_cache_dir=None,
+        dataset_split="train", text_field="text", buffer_size=16, data_streams=None, eval_samples=0,
+        min_text_length=1, max_tokens=32, batch_size=4, update_freq=1, num_workers=0, seed=7, packing=True,
+        pred_prob=0.15, rand_prob=0.1, keep_prob=0.1, whole_word_mask=True, data_cache_dir=None,
     )  # fmt: skip
     cfg.update(overrides)
     return types.SimpleNamespace(**cfg)
@@ -226,6 +226,66 @@ def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 def max_loss_diff(a: dict[int, float], b: dict[int, float], steps) -> float:
     return max(abs(a[s] - b[s]) for s in steps)
+
+
+def full_state(checkpoint: Path, scratch: Path) -> tuple[dict[str, dict[str, torch.Tensor]], list[float]]:
+    """({parameter: {fp32, exp_avg, exp_avg_sq, step}}, weight decay per param group) of a checkpoint, whole.
+
+    DDP / one process: model.safetensors and optimizer.bin (torch AdamW's state by index, in the optimizer's
+    group order). ZeRO-1/2/3 (fp32 or bf16): DeepSpeed's own ds_to_universal into `scratch`, independent of the
+    loaders under test (zero_to_fp32 cannot read ZeRO-1 + bf16 shards).
+    """
+    import argparse
+    import contextlib
+    import io
+
+    from mpnet_dist.optim import param_group_names
+
+    if (checkpoint / "model.safetensors").is_file():
+        weights_ = load_file(str(checkpoint / "model.safetensors"))
+        optim = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+        with torch.device("meta"):
+            model = MPNetForPretraining(
+                MPNetConfig.from_dict(train_state(checkpoint.parent, checkpoint.name)["model_config"])
+            )
+        names = [n for group in param_group_names(model) for n in group]
+        index = [i for group in optim["param_groups"] for i in group["params"]]
+        state = {n: {"fp32": weights_[n], **optim["state"][i]} for n, i in zip(names, index, strict=True)}
+        return state, [g["weight_decay"] for g in optim["param_groups"]]
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = scratch / "universal"
+    args = argparse.Namespace(input_folder=str(checkpoint / "pytorch_model"), output_folder=str(out),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
+    zero = out / "zero"
+    optim = torch.load(zero / "optimizer_state.pt", weights_only=False)
+    step = (
+        optim.get("optimizer_state_dict", {}).get("state", {}).get(0, {}).get("step")
+    )  # ZeRO-3: one for all
+    state = {}
+    for folder in (f for f in zero.iterdir() if f.is_dir()):
+        entry = {}
+        for file in folder.glob("*.pt"):
+            value = torch.load(file, weights_only=False)
+            entry[file.stem] = value["param"] if isinstance(value, dict) else value
+        entry.setdefault("step", step)
+        if "exp_avg" in entry:  # else a tied alias (lm_head.weight), written from the module's state dict
+            state[folder.name] = entry
+    return state, [g["weight_decay"] for g in optim["param_groups"]]
+
+
+def max_state_diff(
+    a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]
+) -> dict[str, float]:
+    """Largest |a - b| per kind of tensor (fp32, exp_avg, exp_avg_sq, step) over every parameter."""
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+    return {
+        key: max((a[n][key].float().flatten() - b[n][key].float().flatten()).abs().max().item() for n in a)
+        for key in ("fp32", "exp_avg", "exp_avg_sq", "step")
+    }
 
 
 # ---- exports ------------------------------------------------------------------------------------------------

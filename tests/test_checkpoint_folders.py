@@ -65,6 +65,17 @@ def test_prune_keeps_the_newest_and_the_resumed_one(tmp_path):
     assert prune_checkpoints(tmp_path, 0) == [tmp_path / f"step-0000000{s}" for s in (1, 3, 4)]
 
 
+def test_prune_removes_a_checkpoint_s_universal_copy_with_it(tmp_path):
+    """reshard.py converts a ZeRO checkpoint for another process count into NAME.universal/ beside it."""
+    for step in (1, 2):
+        checkpoint(tmp_path, step_name(step), step)
+        (tmp_path / f"{step_name(step)}.universal" / "pytorch_model").mkdir(parents=True)
+    (tmp_path / ".tmp-step-00000001.universal-4242").mkdir()  # a conversion killed half-way
+    assert [s for s, _ in interval_checkpoints(tmp_path)] == [1, 2]  # a universal folder is no checkpoint
+    assert prune_checkpoints(tmp_path, 1) == [tmp_path / "step-00000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000002.universal"]
+
+
 def test_prune_reports_only_what_it_deleted(tmp_path, monkeypatch, caplog):
     for step in (1, 2, 3):
         checkpoint(tmp_path, step_name(step), step)

@@ -100,14 +100,37 @@ def test_damaged_train_state_names_the_file(tmp_path):
         read_train_state(tmp_path)
 
 
-@pytest.mark.parametrize("v1, kind", [(V1_BLOCKS, BlocksDataState), (V1_STREAM, StreamDataState)])
-def test_version_1_data_states_are_read_and_rewritten_with_their_version(tmp_path, v1, kind):
-    torch.save(v1, tmp_path / "data_state_rank1.pt")
+def test_version_1_blocks_data_state_is_read_and_rewritten_with_its_version(tmp_path):
+    torch.save(V1_BLOCKS, tmp_path / "data_state_rank1.pt")
     state = read_data_state(tmp_path, 1)
-    assert isinstance(state, kind)
+    assert isinstance(state, BlocksDataState)
     assert state.seed == 7 and state.world_size == 2
     write_data_state(tmp_path, 1, state)
-    assert torch.load(tmp_path / "data_state_rank1.pt", weights_only=True) == {"format_version": 1, **v1}
+    assert torch.load(tmp_path / "data_state_rank1.pt", weights_only=True) == {
+        "format_version": 1,
+        **V1_BLOCKS,
+    }
+
+
+def test_version_1_stream_data_state_is_refused_with_the_way_forward(tmp_path):
+    """Per-reader positions (before logical streams) depend on processes x workers and map to no stream layout."""
+    torch.save(V1_STREAM, tmp_path / "data_state_rank1.pt")
+    with pytest.raises(
+        CheckpointError, match=r"data_state_rank1.pt: .*format_version 1.*version that wrote it"
+    ):
+        read_data_state(tmp_path, 1)
+
+
+def test_stream_data_states_of_all_ranks_are_merged(tmp_path):
+    for rank in (0, 1):
+        state = StreamDataState(source="s", seed=7, n_streams=4, rows_consumed=24, rank=rank, world_size=2,
+                                streams={s: {"blocks": 6 + s} for s in range(rank, 4, 2)})  # fmt: skip
+        write_data_state(tmp_path, rank, state)
+    merged = read_data_state(tmp_path, 5)  # any rank of a run of any size reads all of them
+    assert merged.streams == {s: {"blocks": 6 + s} for s in range(4)} and merged.rows_consumed == 24
+    (tmp_path / "data_state_rank1.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"lacks \['data_state_rank1.pt'\]"):
+        read_data_state(tmp_path, 0)
 
 
 def test_data_state_falls_back_to_rank_0_and_is_none_without_files(tmp_path):

@@ -153,3 +153,21 @@ def test_bad_environment_values_name_the_variable_or_flag(monkeypatch, variable,
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=message):
         parse_config([])
+
+
+def test_global_batch_size_sets_update_freq_or_names_the_flags(capsys, tmp_path):
+    """--update-freq follows the process count, so a resume on another count keeps the batch."""
+    cfg = parse_config(["--batch-size", "4", "--global-batch-size", "48"])
+    for world, update_freq in ((1, 12), (3, 4), (12, 1)):
+        cfg.set_update_freq_for(world)
+        assert cfg.update_freq == update_freq
+    with pytest.raises(
+        ConfigError, match=r"--global-batch-size 48 is not a multiple of --batch-size 4 x 5 process"
+    ):
+        cfg.set_update_freq_for(5)
+    # Found only once the process count is known: still one line naming the flags, exit 2, no traceback.
+    from mpnet_dist.train import main
+
+    assert main(["--batch-size", "4", "--global-batch-size", "10", "--checkpoint-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--global-batch-size 10 is not a multiple of --batch-size 4" in err[0], err

@@ -6,6 +6,7 @@ writer.py        save_checkpoint (collective): temporary folder, train state las
 integrity.py     the manifest (size, SHA-256 of every file) and the checks made before anything is loaded
 reader.py        check_checkpoint, load_checkpoint: checks that the checkpoint is whole and fits this run, then
                  restores it
+reshard.py       a checkpoint of another process count or kind: converted once to a universal one, then loaded
 weights_only.py  no unpickling without --trust-checkpoint (torch and DeepSpeed loaders alike)
 """
 

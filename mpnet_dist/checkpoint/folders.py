@@ -18,6 +18,11 @@ logger = logging.getLogger("mpnet_dist")
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
+def universal_folder(path: Path) -> Path:
+    """Where reshard.py converts checkpoint `path` for a resume on another process count or kind."""
+    return path.with_name(path.name + ".universal")
+
+
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -94,5 +99,8 @@ def prune_checkpoints(run_dir: Path, keep: int, protect: Path | None = None) -> 
         except OSError as err:
             logger.warning("--keep-checkpoints: could not delete %s (%s); kept it", path, err)
             continue
+        # Its converted copy, if a resume made one, and any a killed conversion left half-written.
+        for converted in (universal_folder(path), *run_dir.glob(f".tmp-{universal_folder(path).name}-*")):
+            shutil.rmtree(converted, ignore_errors=True)
         removed.append(path)
     return removed

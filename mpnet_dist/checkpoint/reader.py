@@ -1,4 +1,5 @@
-"""Resuming: restore a checkpoint into the prepared model and optimizer, after checking it fits this run.
+"""Resuming: restore a checkpoint into the prepared model and optimizer, after checking it fits this run
+(written on another number of processes or by another kind, it goes through reshard.py).
 
 Everything is loaded weights-only unless --trust-checkpoint (see weights_only.py).
 """
@@ -13,6 +14,7 @@ from accelerate.utils import DistributedType
 
 from mpnet_dist.checkpoint.errors import CheckpointError
 from mpnet_dist.checkpoint.integrity import other_checkpoint, verify_checkpoint
+from mpnet_dist.checkpoint.reshard import load_converted, needs_conversion
 from mpnet_dist.checkpoint.state import DataState, TrainState, read_data_state, read_train_state
 from mpnet_dist.checkpoint.weights_only import (
     deepspeed_engine_weights_only,
@@ -37,46 +39,27 @@ def check_checkpoint(path: Path) -> TrainState:
 def load_checkpoint(
     accelerator: Accelerator, path: Path, trust: bool = False, checked: bool = False
 ) -> tuple[TrainState, DataState | None]:
-    """Restore model/optimizer/RNG into the prepared objects; return (train_state, this rank's data state).
+    """Restore model/optimizer/RNG into the prepared objects; return (train_state, the data state to resume).
 
-    The files are checked first (check_checkpoint) unless the caller already did (`checked`). The data state is
-    this rank's file, or rank 0's when the run now has more ranks than saved (the loader decides whether that
-    mapping is exact or must be refused).
+    The files are checked first (check_checkpoint) unless the caller already did (`checked`). A checkpoint
+    written by another number of processes, or by DDP for a ZeRO run or the other way round, goes through its
+    universal form (reshard.py). The data state is described in state.read_data_state.
     """
     path = Path(path)
     train_state = read_train_state(path) if checked else check_checkpoint(path)
-    saved_world = train_state.world_size
-    if saved_world != accelerator.num_processes and train_state.zero_stage > 0:
-        raise CheckpointError(
-            f"{path} was written by DeepSpeed ZeRO-{train_state.zero_stage} on {saved_world} processes; this run "
-            f"has {accelerator.num_processes}. ZeRO optimizer shards cannot be re-partitioned here. Resume on "
-            f"{saved_world} processes, or export the weights (`mpnet-dist export {path} OUT`) and start a new run "
-            "with --hf-model-path OUT (fresh optimizer state)."
-        )
-    _check_same_format(path, train_state.zero_stage, accelerator)
-    _check_random_states(path, accelerator.process_index, saved_world)
-    load_kwargs = {"weights_only": False} if trust else None
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    with refuse_pickles(path), deepspeed_engine_weights_only(deepspeed and not trust):
-        accelerator.load_state(str(path), load_kwargs=load_kwargs)
+    _check_random_states(path, accelerator.process_index, train_state.world_size)
+    if needs_conversion(train_state, accelerator):
+        load_converted(accelerator, path, train_state, trust)
+    else:
+        load_kwargs = {"weights_only": False} if trust else None
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        with refuse_pickles(path), deepspeed_engine_weights_only(deepspeed and not trust):
+            accelerator.load_state(str(path), load_kwargs=load_kwargs)
+    # load_state restores Accelerate's micro-batch counter, whose value modulo --update-freq decides where an
+    # accumulation ends. Checkpoints are taken at step boundaries: restart it there, or a run resumed with
+    # another --update-freq (to keep the global batch on another process count) would sync mid-step.
+    accelerator.step = 0
     return train_state, read_data_state(path, accelerator.process_index, trust)
-
-
-def _check_same_format(path: Path, saved_stage: int, accelerator: Accelerator) -> None:
-    """DDP/single-process and each ZeRO stage write different layouts; loading one as another fails deep inside
-    Accelerate or DeepSpeed (a bare AssertionError, a missing file): say what was expected instead."""
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    stage = int(accelerator.state.deepspeed_plugin.zero_stage) if deepspeed else 0
-    if saved_stage != stage:
-
-        def kind(s: int) -> str:
-            return f"DeepSpeed ZeRO-{s}" if s else "DDP / a single process"
-
-        raise CheckpointError(
-            f"{path} was written by {kind(saved_stage)}; this run uses {kind(stage)}, whose checkpoints have another "
-            f"layout. Resume with the launch config that wrote it, or export the weights (`mpnet-dist export {path} "
-            "OUT`) and start a new run with --hf-model-path OUT (fresh optimizer state)."
-        )
 
 
 def _check_random_states(path: Path, rank: int, saved_world: int) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -139,18 +139,32 @@ class BlocksDataState:
 
 @dataclass(kw_only=True)
 class StreamDataState:
-    """Streaming: the position of each of this rank's readers (see data/stream.py for what they mean)."""
+    """Streaming: the global row count and the positions of this rank's logical streams (data/stream.py defines
+    a position, data/stream_loader.py which streams a rank serves). A resume merges every rank's file."""
 
-    FORMAT_VERSION: ClassVar[int] = 1
+    FORMAT_VERSION: ClassVar[int] = 2  # 1: per-reader positions tied to processes x workers (refused)
     KIND: ClassVar[str] = "stream"
 
     source: str  # dataset name, config, split and filters: a resume must read the same stream
     seed: int
+    n_streams: int  # --data-streams, fixed when the run started
+    rows_consumed: int  # global rows of all ranks' micro-batches so far (the same on every rank)
     rank: int
     world_size: int
-    readers_per_rank: int
-    next: int  # local reader of the next batch
-    readers: list[dict[str, int]]
+    streams: dict[int, dict[str, int]]  # logical stream -> its position after its last consumed row
+
+
+def merge_stream_states(states: list[StreamDataState], source: str) -> StreamDataState:
+    """Every rank's file -> one state holding every stream's position (ranks serve disjoint streams)."""
+    merged = replace(states[0], streams={})
+    for state in states:
+        if (state.rows_consumed, state.n_streams) != (merged.rows_consumed, merged.n_streams):
+            raise CheckpointError(
+                f"{source}: the ranks' streaming data states disagree (rows consumed {state.rows_consumed} vs "
+                f"{merged.rows_consumed}); the checkpoint is damaged: resume from another one"
+            )
+        merged.streams.update(state.streams)
+    return merged
 
 
 DataState = BlocksDataState | StreamDataState
@@ -169,6 +183,12 @@ def data_state_from_dict(data: Any, source: str = "the data state") -> DataState
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind not in _DATA_STATES:
         raise CheckpointError(f"{source}: unknown data state kind {kind!r}; the file is damaged")
+    if kind == StreamDataState.KIND and data.get("format_version", 1) == 1:
+        raise CheckpointError(
+            f"{source}: a streaming position saved per reader (format_version 1, before logical streams): this "
+            "mpnet-dist cannot continue it. Resume with the mpnet-dist version that wrote it, on the same number "
+            "of processes and --num-workers, or export the weights and start a new run from them."
+        )
     return _from_dict(_DATA_STATES[kind], data, source, skip=("kind",))
 
 
@@ -178,12 +198,30 @@ def write_data_state(folder: Path, rank: int, state: DataState | dict[str, Any])
 
 
 def read_data_state(folder: Path, rank: int, trust: bool = False) -> DataState | None:
-    """Rank `rank`'s data state, or rank 0's when the saving run had fewer ranks; None when neither exists."""
-    file = Path(folder) / data_state_file(rank)
+    """The data state a resume continues from; None when the checkpoint has none.
+
+    Local files: rank `rank`'s file, or rank 0's when the saving run had fewer ranks (the state is global).
+    Streaming: every rank saved the positions of its own logical streams; they are merged into one.
+    """
+    folder = Path(folder)
+    file = folder / data_state_file(rank)
     if not file.is_file():
-        file = Path(folder) / data_state_file(0)
+        file = folder / data_state_file(0)
     if not file.is_file():
         return None
+    state = _read_data_state_file(file, trust)
+    if not isinstance(state, StreamDataState):
+        return state
+    files = [folder / data_state_file(r) for r in range(state.world_size)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{folder}: lacks {missing}, written by every rank of a streaming run; it is damaged"
+        )
+    return merge_stream_states([_read_data_state_file(f, trust) for f in files], str(folder))
+
+
+def _read_data_state_file(file: Path, trust: bool) -> DataState:
     with refuse_pickles(file):
         data = torch.load(file, weights_only=not trust)
     return data_state_from_dict(data, str(file))

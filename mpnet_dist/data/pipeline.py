@@ -11,7 +11,8 @@ from mpnet_dist.data.errors import DataError
 from mpnet_dist.data.loader import TEST_TAG, VALID_TAG, EvalBatches, RankBatches, TrainBatches
 from mpnet_dist.data.packing import Blocks, build_block_cache, pack_documents
 from mpnet_dist.data.sources import check_file, list_train_files, open_stream, take_eval
-from mpnet_dist.data.stream import StreamBatches, StreamPlan, StreamReader
+from mpnet_dist.data.stream import StreamPlan, StreamReader
+from mpnet_dist.data.stream_loader import StreamBatches, default_streams
 from mpnet_dist.data.tokenizer import Encoder, fingerprint, special_ids, validate_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -128,21 +129,24 @@ def _stream_data(cfg, tokenizer, spec, rank, world_size) -> Data:
     ds = open_stream(name, cfg.dataset_config, cfg.dataset_split, cfg.text_field)
     valid_docs, test_docs, eval_end = take_eval(ds, cfg.eval_samples, cfg.text_field, cfg.min_text_length)
     encoder = Encoder(tokenizer)
-    per_rank = max(1, cfg.num_workers)
-    plan = StreamPlan(
-        n_shards=ds.num_shards,
-        n_readers=world_size * per_rank,
-        eval_end=eval_end,
-        text_field=cfg.text_field,
-        min_chars=cfg.min_text_length,
-        buffer_size=max(1, cfg.buffer_size),
-        seed=cfg.seed,
-        max_tokens=cfg.max_tokens,
-        packing=cfg.packing,
-        batch_size=cfg.batch_size,
-    )
-    readers = [StreamReader(ds, plan, rank * per_rank + i, encoder, spec) for i in range(per_rank)]
-    train = StreamBatches(readers, cfg.num_workers, rank, world_size, source=_source_id(cfg, name))
+    n_streams = cfg.data_streams or default_streams(world_size, cfg.num_workers)
+
+    def make_reader(stream: int, n_streams: int) -> StreamReader:
+        plan = StreamPlan(
+            n_shards=ds.num_shards,
+            n_streams=n_streams,
+            eval_end=eval_end,
+            text_field=cfg.text_field,
+            min_chars=cfg.min_text_length,
+            buffer_size=max(1, cfg.buffer_size),
+            seed=cfg.seed,
+            max_tokens=cfg.max_tokens,
+            packing=cfg.packing,
+        )
+        return StreamReader(ds, plan, stream, encoder)
+
+    args = (spec, cfg.batch_size, cfg.num_workers, rank, world_size, _source_id(cfg, name), cfg.seed)
+    train = StreamBatches(make_reader, n_streams, *args)
     evals = {}
     for split, docs, tag in (("valid", valid_docs, VALID_TAG), ("test", test_docs, TEST_TAG)):
         if docs:
@@ -154,20 +158,19 @@ def _stream_data(cfg, tokenizer, spec, rank, world_size) -> Data:
                 "raise --eval-samples",
             )
             evals[split] = EvalBatches(blocks, spec, cfg.seed, tag, rank, world_size, cfg.batch_size)
+    by_shard = ds.num_shards >= n_streams
     layout = (
-        "whole shards per reader"
-        if plan.by_shard
-        else "every reader reads all shards, keeps 1 in N documents"
+        "whole shards per stream" if by_shard else "every stream reads all shards, keeps 1 in S documents"
     )
-    if not plan.by_shard and plan.n_readers > 1:
+    if not by_shard and n_streams > 1:
         logger.warning(
-            "%s has %d shard(s) for %d readers (processes x max(1, --num-workers)): %s",
-            name, plan.n_shards, plan.n_readers, layout,
-        )  # fmt: skip
+            "%s has %d shard(s) for %d logical streams: %s", name, ds.num_shards, n_streams, layout
+        )
     info = (
-        f"stream {name} (config {cfg.dataset_config}, split {cfg.dataset_split}): {plan.n_shards} shard(s), "
-        f"{plan.n_readers} reader(s), {layout}; {len(valid_docs)} valid / {len(test_docs)} test documents "
-        f"taken before shuffling; shuffle chunks of {plan.buffer_size} documents"
+        f"stream {name} (config {cfg.dataset_config}, split {cfg.dataset_split}): {ds.num_shards} shard(s), "
+        f"{n_streams} logical streams ({len(train.local)} on this process), {layout}; {len(valid_docs)} valid / "
+        f"{len(test_docs)} test documents taken before shuffling; shuffle chunks of {max(1, cfg.buffer_size)} "
+        "documents per stream"
     )
     return Data(train, evals.get("valid"), evals.get("test"), spec, info)
 
