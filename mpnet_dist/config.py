@@ -129,6 +129,13 @@ class TrainConfig:
         0, "Consecutive steps with a NaN/Inf loss to skip before stopping (0: stop at the first)."
     )
     debug: bool = _opt(False, "Verbose (debug-level) logging.")
+    # --- several nodes (README "Several nodes") ---
+    startup_timeout_s: float = _opt(
+        60.0, "Multi-node: seconds every node's training processes may take to report in at start."
+    )
+    node_timeout_s: float = _opt(
+        30.0, "Multi-node: a node silent this long (heartbeat) is lost and the others stop (0: no heartbeat)."
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -192,6 +199,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if not self.startup_timeout_s > 0 or not self.node_timeout_s >= 0:
+            problems.append(f"{flag('startup_timeout_s')} must be > 0 and {flag('node_timeout_s')} >= 0")
         if self.keep_checkpoints < -1:
             problems.append(f"{flag('keep_checkpoints')} must be -1 (keep all) or >= 0")
         if self.clip_grad_norm < 0 or not math.isfinite(self.lr) or self.lr <= 0:

@@ -31,6 +31,8 @@ from mpnet_dist.config import ConfigError, TrainConfig, dump_yaml, parse_config
 from mpnet_dist.distributed import build_accelerator, describe, zero_stage
 from mpnet_dist.metrics import MetricsWriter, console_line, read_metrics, setup_logging
 from mpnet_dist.model_setup import build_model
+from mpnet_dist.network import NetworkError
+from mpnet_dist.nodes import NodeLostError, explain, join
 from mpnet_dist.optim import build_optimizer, lr_at
 from mpnet_dist.step import NonFiniteLossError, evaluate, train_step
 from mpnet_dist.stopping import PREEMPT_FILE, PREEMPTED_MARKER, StopSignal, stop_with_launcher
@@ -65,7 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mpnet-dist train: error: {err}", file=sys.stderr)
         return 2
-    return run(cfg)
+    try:
+        return run(cfg)
+    except (NetworkError, NodeLostError) as err:  # one line naming the address or the node, not a traceback
+        print(f"mpnet-dist train: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, NetworkError) else 1
+    except RuntimeError as err:
+        lost = explain(err)  # a collective that failed because a node went away
+        if lost is None:
+            raise
+        print(f"mpnet-dist train: error: {lost}", file=sys.stderr)
+        return 1
 
 
 def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
@@ -100,8 +112,14 @@ def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
 
 def run(cfg: TrainConfig) -> int:
     stop_with_launcher()
+    # Several nodes: the interface and the node table come before the process group; the heartbeat from now on.
+    cluster = join(cfg.startup_timeout_s, torch.cuda.is_available())
+    if cluster is not None:
+        cluster.watch(cfg.node_timeout_s)
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.is_main_process, cfg.debug)
+    if cluster is not None:
+        logger.info(cluster.describe())
     run_dir = Path(cfg.checkpoint_dir)
     resume_from = resolve_resume(cfg, run_dir)
     if cfg.resume and resume_from is None:
@@ -151,9 +169,12 @@ def run(cfg: TrainConfig) -> int:
     if cfg.wandb_watch and writer.wandb is not None:
         writer.wandb.watch(accelerator.unwrap_model(model), log_freq=100)
     try:
-        return _train_loop(cfg, accelerator, model, optimizer, data, state, writer, run_dir, resume_from)
+        code = _train_loop(cfg, accelerator, model, optimizer, data, state, writer, run_dir, resume_from)
     finally:
         writer.close()
+    if cluster is not None:
+        cluster.leave()
+    return code
 
 
 def _restore(accelerator, data, resume_from: Path, trust: bool) -> TrainState:

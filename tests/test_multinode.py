@@ -1,0 +1,310 @@
+"""Several nodes for real: two hosts made of network namespaces (tests/netns.py), the README's command on each.
+
+No GLOO_SOCKET_IFNAME (the trainer must choose), the head named by its host name (on the head itself that name
+resolves to 127.0.1.1, as on a stock Debian host), one process per node. One module fixture runs everything,
+phase by phase, each phase's launches at once (they mostly wait on imports and on each other):
+  ddp     DDP, 20 steps, uninterrupted                        -> equals 1 process at the same global batch
+  killed  the same run; node 1's launcher and worker SIGKILLed after a checkpoint -> head exits, names node 1;
+          then `--resume` on both nodes                        -> bitwise the uninterrupted run
+  zero3   ZeRO-3 (GLOO_SOCKET_IFNAME set: the override); the head frozen and unplugged after a checkpoint ->
+          node 1 exits, names the head; then `--resume`        -> equals 1 process at the same global batch
+  alone   node 0 / node 1 started without the other            -> each exits, naming the missing side
+  late    node 1's launcher comes but its training fails at start -> node 0 exits after --startup-timeout-s
+The DDP checkpoint also resumes on one node (one process, same global batch).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import corpus, netns
+from tests.test_distributed import (
+    CONFIGS,
+    DDP_LOSS_TOL,
+    NO_DROPOUT,
+    PARTITION_ALL,
+    REPO,
+    ZERO_LOSS_TOL,
+    launch_env,
+    max_loss_diff,
+    max_weight_diff,
+    tail,
+    train_state,
+    weights,
+)
+from tests.test_train import tiny_args, train, train_losses
+
+tiny_corpus = corpus.tiny_corpus  # session fixture
+
+HEAD = "host0"  # --main_process_ip as SLURM gives it: a host name
+STEPS, EVERY = 20, 5  # steps per run, checkpoint interval
+RDZV = ("--rdzv_conf", "timeout=30")  # the README's launcher rendezvous timeout
+LOST_WITHIN_S = 60
+_ports = iter(range(29400, 29500))
+
+
+def readme_command(config: str, rank: int, port: int, *flags: str, args: list[str]) -> list[str]:
+    """README "Several nodes", with --num_processes 2 (1 per node) and fp32 (the configs say bf16 for GPUs)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+            "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+            "--main_process_ip", HEAD, "--main_process_port", str(port), *RDZV, "--mixed_precision", "no", *flags,
+            "-m", "mpnet_dist.train", *args]  # fmt: skip
+
+
+def node_env(**extra: str) -> dict[str, str]:
+    env = launch_env(**extra)
+    for var in (
+        "GLOO_SOCKET_IFNAME",
+        "NCCL_SOCKET_IFNAME",
+        "MPNET_DIST_TIMEOUT_S",
+    ):  # choose; default timeout
+        if var not in extra:
+            env.pop(var, None)
+    return env
+
+
+class Job:
+    """One launch per node of a 2-node job on the test hosts; records when each launch exits."""
+
+    def __init__(self, hosts, name: str, root: Path, config: str, args: list[str], *flags: str, nodes=(0, 1),
+                 env: dict | None = None, node_args: dict | None = None):  # fmt: skip
+        port = next(_ports)
+        self.logs = {r: root / f"{name}_node{r}.log" for r in nodes}
+        self.procs, self.ended, self.ended_wall = {}, {}, {}
+        self.started = time.monotonic()
+        for r in nodes:
+            argv = readme_command(config, r, port, *flags, args=args + (node_args or {}).get(r, []))
+            self.procs[r] = hosts.popen(r, argv, self.logs[r], cwd=REPO, env=env or node_env())
+            threading.Thread(target=self._note_exit, args=(r,), daemon=True).start()
+
+    def _note_exit(self, rank: int) -> None:
+        self.procs[rank].wait()
+        self.ended_wall[rank] = time.time()
+        self.ended[rank] = time.monotonic()
+
+    def log(self, rank: int) -> str:
+        return self.logs[rank].read_text(errors="replace")
+
+    def wait(self, rank: int, timeout: float = 300) -> int:
+        try:
+            code = self.procs[rank].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return -999
+        while rank not in self.ended:
+            time.sleep(0.01)
+        return code
+
+    def exit_after(self, rank: int, since: float, timeout: float = 180) -> tuple[int, float]:
+        """(exit code, seconds from `since` to the exit); -999 if still running after `timeout`."""
+        code = self.wait(rank, timeout)
+        return code, (self.ended[rank] - since) if code != -999 else float("inf")
+
+    def finish(self) -> None:
+        for r in self.procs:
+            code = self.wait(r)
+            assert code == 0, f"node {r} exited with {code}:\n{tail(self.logs[r])}"
+
+
+def _args(corpus, run_dir: Path, *extra: str) -> list[str]:
+    return tiny_args(corpus, run_dir, *NO_DROPOUT, "--total-updates", str(STEPS), "--checkpoint-interval",
+                     str(EVERY), "--eval-interval-steps", "0", *extra)  # fmt: skip
+
+
+def _wait_for_checkpoint(run_dir: Path, job: Job, step: int = EVERY, timeout: float = 240) -> None:
+    marker = run_dir / f"step-{step:08d}" / "train_state.json"
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in job.procs.values()), (
+            f"no {marker} while the job ran:\n{tail(job.logs[0])}"
+        )
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(reason)
+    made = netns.Hosts(2)
+    try:
+        yield made.up()
+    finally:
+        made.close()
+
+
+@pytest.fixture(scope="module")
+def runs(hosts, tiny_corpus, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("multinode")
+    d = {name: root / name for name in ("ddp", "killed", "zero3", "single", "one_node")}
+    zero_env = node_env(MPNET_DIST_DEEPSPEED_OVERRIDES=PARTITION_ALL, GLOO_SOCKET_IFNAME="eth0")
+    jobs = {
+        # LOGLEVEL=INFO: the launcher logs when it starts waiting for the other node (the clock for these two)
+        **{f"alone{r}": Job(hosts, f"alone{r}", root, "ddp_8gpu.yaml", _args(tiny_corpus, root / "alone"),
+                            nodes=(r,), env=node_env(LOGLEVEL="INFO")) for r in (0, 1)},
+        "late": Job(hosts, "late", root, "ddp_8gpu.yaml", _args(tiny_corpus, root / "late", "--startup-timeout-s",
+                    "20"), node_args={1: ["--batch-size", "0"]}),
+        "killed": Job(hosts, "killed", root, "ddp_8gpu.yaml", _args(tiny_corpus, d["killed"])),
+        "zero3": Job(hosts, "zero3", root, "deepspeed_zero3.yaml", _args(tiny_corpus, d["zero3"]), env=zero_env),
+        "ddp": Job(hosts, "ddp", root, "ddp_8gpu.yaml", _args(tiny_corpus, d["ddp"])),
+    }  # fmt: skip
+    out: dict = {"dirs": d, "jobs": jobs}
+    killed, zero3 = jobs["killed"], jobs["zero3"]
+    _wait_for_checkpoint(d["killed"], killed)
+    hosts.kill(killed.procs[1])  # node 1's launcher and its worker
+    out["killed"] = killed.exit_after(0, time.monotonic())
+    _wait_for_checkpoint(d["zero3"], zero3)
+    hosts.kill(zero3.procs[0], signal.SIGSTOP)  # the head freezes and drops off the network: no reset is sent
+    hosts.unplug(0)
+    frozen_at = time.monotonic()
+    # The single-process reference (batch 8 = 2 nodes x batch 4) trains while node 1 notices.
+    assert train(tiny_args(tiny_corpus, d["single"], *NO_DROPOUT, "--batch-size", "8", "--total-updates",
+                           str(STEPS), "--eval-interval-steps", "0")) == 0  # fmt: skip
+    out["frozen"] = zero3.exit_after(1, frozen_at)
+    hosts.kill(zero3.procs[0])
+    zero3.wait(0)
+    hosts.plug(0)
+    out["alone"] = {
+        r: jobs[f"alone{r}"].exit_after(r, _rendezvous_began(jobs[f"alone{r}"], r)) for r in (0, 1)
+    }
+    jobs["late"].wait(1)
+    out["late"] = jobs["late"].exit_after(0, jobs["late"].ended[1])  # from node 1's death
+    jobs["ddp"].finish()
+    killed.wait(1)
+
+    jobs["killed_resumed"] = Job(hosts, "killed_resumed", root, "ddp_8gpu.yaml",
+                                 _args(tiny_corpus, d["killed"], "--resume"))  # fmt: skip
+    jobs["zero3_resumed"] = Job(hosts, "zero3_resumed", root, "deepspeed_zero3.yaml",
+                                _args(tiny_corpus, d["zero3"], "--resume"), env=zero_env)  # fmt: skip
+    one = tiny_args(tiny_corpus, d["one_node"], *NO_DROPOUT, "--batch-size", "8", "--total-updates", str(STEPS),
+                    "--eval-interval-steps", "0", "--resume-checkpoint", str(d["ddp"] / f"step-{2 * EVERY:08d}"))  # fmt: skip
+    assert train(one) == 0
+    jobs["killed_resumed"].finish()
+    jobs["zero3_resumed"].finish()
+    return out
+
+
+def _rendezvous_began(job: Job, rank: int) -> float:
+    """When the launcher started waiting for the other node (torch elastic's INFO line), on the monotonic clock."""
+    job.wait(rank)
+    found = re.search(r"^I\d{4} (\d\d):(\d\d):(\d\d\.\d+) .*Rendezvous'ing worker group", job.log(rank), re.M)
+    assert found, job.log(rank)[-3000:]
+    h, m, sec = int(found.group(1)), int(found.group(2)), float(found.group(3))
+    now = time.localtime(job.ended_wall[rank])
+    began_wall = time.mktime((*now[:3], h, m, 0, 0, 0, -1)) + sec
+    return job.ended[rank] - (job.ended_wall[rank] - began_wall)
+
+
+def test_nodes_choose_the_interface_that_routes_to_the_head(runs, hosts):
+    log0, log1 = runs["jobs"]["ddp"].log(0), runs["jobs"]["ddp"].log(1)
+    first = "\n".join(log0.splitlines()[:5])
+    assert (
+        "node 0: network interface eth0 (10.213.7.1 routes to node 1 (host1, 10.213.7.2, rank 1)" in first
+    ), log0
+    assert (
+        "node 1: network interface eth0 (10.213.7.2 routes to MASTER_ADDR host0; set GLOO_SOCKET_IFNAME)"
+        in log1
+    )
+    assert "nodes: node 0 (host0, 10.213.7.1, rank 0); node 1 (host1, 10.213.7.2, rank 1)" in log0
+    zero = runs["jobs"]["zero3"].log(1)
+    assert (
+        "network interface eth0 (GLOO_SOCKET_IFNAME set by you)" in zero
+    )  # the variable overrides the choice
+
+
+def test_two_hosts_equal_one_process_at_the_same_global_batch(runs):
+    d = runs["dirs"]
+    state = train_state(d["ddp"])
+    assert (state["world_size"], state["distributed_type"]) == (2, "DistributedType.MULTI_CPU")
+    two, one = train_losses(d["ddp"]), train_losses(d["single"])
+    assert sorted(two) == list(range(1, STEPS + 1))
+    diff = max_loss_diff(two, one, range(1, STEPS + 1))
+    print(f"DDP on 2 hosts vs 1 process: max loss diff {diff:.2e}")
+    assert diff < DDP_LOSS_TOL
+
+
+def test_zero3_on_two_hosts_survives_a_frozen_head_and_resumes(runs):
+    d, (code, seconds) = runs["dirs"], runs["frozen"]
+    log = runs["jobs"]["zero3"].log(1)
+    print(f"ZeRO-3: head frozen and unplugged; node 1 exited with {code} after {seconds:.1f} s")
+    assert code not in (0, -999) and seconds < LOST_WITHIN_S, tail(runs["jobs"]["zero3"].logs[1])
+    assert "head node's store at host0" in log and "node 0 (host0, 10.213.7.1, rank 0)" in log, log[-3000:]
+    state = train_state(d["zero3"])
+    assert (state["step"], state["world_size"], state["zero_stage"]) == (STEPS, 2, 3)
+    resumed_log = (d["zero3"].parent / "zero3_resumed_node0.log").read_text()
+    assert re.search(r"resumed from \S*step-000000(05|10|15) at step", resumed_log), resumed_log[-3000:]
+    losses, one = train_losses(d["zero3"]), train_losses(d["single"])
+    assert sorted(losses) == list(range(1, STEPS + 1))  # every step once across the two runs
+    diff = max_loss_diff(losses, one, range(1, STEPS + 1))
+    print(f"ZeRO-3 on 2 hosts (frozen, resumed) vs 1 process: max loss diff {diff:.2e}")
+    assert diff < ZERO_LOSS_TOL
+
+
+def test_killed_node_stops_the_head_and_resume_is_bitwise(runs):
+    d, (code, seconds) = runs["dirs"], runs["killed"]
+    log = runs["jobs"]["killed"].log(0)
+    print(f"node 1 SIGKILLed: the head exited with {code} after {seconds:.1f} s")
+    assert code not in (0, -999) and seconds < LOST_WITHIN_S, tail(runs["jobs"]["killed"].logs[0])
+    assert "node 1 (host1, 10.213.7.2, rank 1)" in log, log[-3000:]
+    resumed_log = (d["killed"].parent / "killed_resumed_node0.log").read_text()
+    start = int(re.search(r"resumed from \S*step-(\d+) at step", resumed_log).group(1))
+    full, again = train_losses(d["ddp"]), train_losses(d["killed"])
+    assert sorted(again) == list(range(1, STEPS + 1)) and start % EVERY == 0
+    assert all(again[s] == full[s] for s in range(start + 1, STEPS + 1)), (start, full, again)
+    a, b = weights(d["ddp"]), weights(d["killed"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_host_checkpoint_resumes_on_one_node(runs):
+    d = runs["dirs"]
+    full, again = train_losses(d["ddp"]), train_losses(d["one_node"])
+    assert sorted(again) == list(range(2 * EVERY + 1, STEPS + 1))
+    diff = max_loss_diff(full, again, range(2 * EVERY + 1, STEPS + 1))
+    wdiff = max_weight_diff(weights(d["ddp"]), weights(d["one_node"]))
+    print(f"2-host checkpoint resumed on 1 process: max loss diff {diff:.2e}, weights {wdiff:.2e}")
+    assert diff < DDP_LOSS_TOL and wdiff < 1e-5
+    data = torch.load(d["one_node"] / "final" / "data_state_rank0.pt", weights_only=True)
+    assert data["blocks_consumed"] == STEPS * 2 * 8  # the data went on where the 2-host run left it
+
+
+def test_a_node_that_never_comes_is_named_within_a_minute(runs):
+    for rank, missing in ((0, r"1/2 clients joined"), (1, r"\(host0, \d+\)")):
+        code, seconds = runs["alone"][rank]
+        log = runs["jobs"][f"alone{rank}"].log(rank)
+        print(f"node {rank} started alone: exited with {code} after {seconds:.1f} s")
+        assert code not in (0, -999) and seconds < LOST_WITHIN_S and re.search(missing, log), log[-3000:]
+    code, seconds = runs["late"]
+    log = runs["jobs"]["late"].log(0)
+    print(f"node 1's training failed at start: node 0 exited with {code} after {seconds:.1f} s")
+    assert (
+        code not in (0, -999) and "node(s) 1 of 2 did not start training within --startup-timeout-s 20" in log
+    )
+    assert seconds < LOST_WITHIN_S, log[-3000:]
+
+
+def test_no_route_to_the_head_is_one_line(hosts, tmp_path):
+    """The trainer on a host without a route to MASTER_ADDR: one line naming it, exit 2 (no gloo retry log)."""
+    env = node_env(GROUP_RANK="1", GROUP_WORLD_SIZE="2", RANK="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                   WORLD_SIZE="2", MASTER_ADDR="10.99.0.1", MASTER_PORT="29400", TORCHELASTIC_USE_AGENT_STORE="False")  # fmt: skip
+    log = tmp_path / "noroute.log"
+    proc = hosts.popen(
+        1, [sys.executable, "-m", "mpnet_dist.train", "--batch-size", "2"], log, cwd=REPO, env=env
+    )
+    assert proc.wait(timeout=120) == 2
+    lines = log.read_text().strip().splitlines()
+    assert lines == [
+        "mpnet-dist train: error: no route from this host to the main process address 10.99.0.1 (Network is "
+        "unreachable): check --main_process_ip (the head node's address as the other nodes see it) and this "
+        "host's network; set GLOO_SOCKET_IFNAME to choose the interface yourself"
+    ], lines
+    check = hosts.popen(1, [sys.executable, "-m", "mpnet_dist", "network", "10.99.0.1"], tmp_path / "n.log", cwd=REPO,
+                        env=env)  # fmt: skip
+    assert check.wait(timeout=60) == 2 and "10.99.0.1" in (tmp_path / "n.log").read_text()
