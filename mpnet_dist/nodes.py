@@ -124,7 +124,7 @@ class Cluster:
             now,
             {n: (-1, now) for n in range(self.layout.nodes) if n != self.layout.node},
         )
-        self._last_error = "no answer"
+        self._last_error = ""
         for target, name in ((self._beat, "mpnet-heartbeat"), (self._judge, "mpnet-node-watch")):
             threading.Thread(target=target, name=name, daemon=True).start()
 
@@ -164,7 +164,7 @@ class Cluster:
                     store.add(layout.beat_key(layout.node), 1)
                 values = [int(v) for v in store.multi_get(keys)]
             except Exception as err:  # noqa: BLE001 - the head's store is gone: the judge decides when to give up
-                store, self._last_error = None, _short(err)
+                store, self._last_error = None, f" ({_short(err)})"
                 continue
             now = time.monotonic()
             self._last_ok = now
@@ -179,7 +179,7 @@ class Cluster:
             if now - self._last_ok > self.timeout_s:
                 self._lost(
                     f"the head node's store at {layout.master_addr}:{layout.master_port} has not answered for "
-                    f"{now - self._last_ok:.0f} s ({self._last_error}): {self.table[0].name()} is down or "
+                    f"{now - self._last_ok:.0f} s{self._last_error}: {self.table[0].name()} is down or "
                     "unreachable, or this host lost its network"
                 )
             for node, (value, since) in self._heard.items():

@@ -47,7 +47,7 @@ tiny_corpus = corpus.tiny_corpus  # session fixture
 
 HEAD = "host0"  # --main_process_ip as SLURM gives it: a host name
 STEPS, EVERY = 20, 5  # steps per run, checkpoint interval
-RDZV = ("--rdzv_conf", "timeout=30")  # the README's launcher rendezvous timeout
+RDZV = ("--rdzv_conf", "timeout=20")  # the README's launcher rendezvous timeout
 LOST_WITHIN_S = 60
 _ports = iter(range(29400, 29500))
 
