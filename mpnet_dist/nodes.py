@@ -116,15 +116,14 @@ class Cluster:
         Two threads: one talks to the store, one judges. A store call to a frozen or unplugged head blocks with no
         timeout (measured: TCPStore's add() waited for good), so the judge must not be the thread that waits.
         """
-        if timeout_s <= 0:
-            return
+        if timeout_s <= 0 or not self.layout.agent_store:
+            return  # without the launchers' store there is nothing to beat into before the process group
         self.timeout_s = timeout_s
         now = time.monotonic()
-        self._last_ok, self._heard = (
-            now,
-            {n: (-1, now) for n in range(self.layout.nodes) if n != self.layout.node},
-        )
-        self._last_error = ""
+        self._last_ok, self._last_error = now, ""
+        self._heard = {
+            n: (-1, now) for n in range(self.layout.nodes) if n != self.layout.node
+        }  # value, since
         for target, name in ((self._beat, "mpnet-heartbeat"), (self._judge, "mpnet-node-watch")):
             threading.Thread(target=target, name=name, daemon=True).start()
 
@@ -140,11 +139,10 @@ class Cluster:
             except Exception:  # noqa: BLE001 - best effort: the others then see the normal exit, not a loss
                 pass
 
+        # In a thread: a frozen head's store would block the call for good, and the exit must not hang on it.
         done = threading.Thread(target=mark_done, daemon=True)
         done.start()
-        done.join(
-            timeout=10
-        )  # a frozen head's store would block the call for good: do not hang the exit on it
+        done.join(timeout=10)
 
     def node_at(self, address: str) -> Node | None:
         return next((node for node in self.table if node.address == address), None)
@@ -212,8 +210,9 @@ def join(startup_timeout_s: float, cuda: bool, env: dict[str, str] | None = None
     layout = Layout.from_env(env)
     if layout is None or layout.nodes < 2:
         return None
-    store = layout.connect(startup_timeout_s) if layout.agent_store else None
+    # First the route: a host with no route to the head stops here, in one line.
     own, notes = _own_address(layout, cuda, env)
+    store = layout.connect(startup_timeout_s) if layout.agent_store else None
     others = [n for n in range(layout.nodes) if n != layout.node]
     if own is None and store is not None:
         # The head's name resolved to loopback: take the interface on the route to another node.

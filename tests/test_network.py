@@ -15,7 +15,9 @@ linux_only = pytest.mark.skipif(sys.platform != "linux", reason="interface names
 def test_resolve_names_and_refuses_what_does_not_resolve():
     assert network.resolve("127.0.0.1") == "127.0.0.1"
     assert network.is_loopback(network.resolve("localhost"))
-    with pytest.raises(NetworkError, match=r"'no-such-host\.invalid' \(--main_process_ip / MASTER_ADDR\) does not"):
+    with pytest.raises(
+        NetworkError, match=r"'no-such-host\.invalid' \(--main_process_ip / MASTER_ADDR\) does not"
+    ):
         network.resolve("no-such-host.invalid")
 
 
@@ -27,7 +29,9 @@ def test_the_route_to_loopback_is_on_lo():
 
 
 def test_a_named_interface_that_does_not_exist_is_refused_with_the_ones_that_do():
-    with pytest.raises(NetworkError, match=r"GLOO_SOCKET_IFNAME=nosuch0: this host has no interface .*it has: .*lo"):
+    with pytest.raises(
+        NetworkError, match=r"GLOO_SOCKET_IFNAME=nosuch0: this host has no interface .*it has: .*lo"
+    ):
         network.address_of("nosuch0")
 
 
