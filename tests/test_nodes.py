@@ -48,7 +48,7 @@ def _join_both(port: int, **extra: str) -> list[Cluster]:
     results: list = [None, None]
 
     def join(n: int) -> None:
-        results[n] = nodes.join(5, cuda=False, env=envs[n])
+        results[n] = nodes.join(5, 0, cuda=False, env=envs[n])
 
     threads = [threading.Thread(target=join, args=(n,)) for n in (0, 1)]
     for t in threads:
@@ -82,7 +82,7 @@ def test_a_node_that_never_reports_in_is_named(store):
     with pytest.raises(
         NodeLostError, match=r"node\(s\) 1 of 2 did not start training within --startup-timeout-s 1"
     ):
-        nodes.join(1, cuda=False, env=_env(0, store.port))
+        nodes.join(1, 0, cuda=False, env=_env(0, store.port))
 
 
 def _watched(port: int) -> tuple[Recorder, Recorder]:
