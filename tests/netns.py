@@ -12,6 +12,7 @@ Needs root and iproute2; `unavailable()` says why not, for the skip reason.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -68,6 +69,7 @@ class Hosts:
         return self.hosts[index]
 
     def up(self) -> Hosts:
+        _remove_stale()
         _ip("netns", "add", self.switch)
         _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.switch, "link", "set", "br0", "up")
@@ -128,3 +130,12 @@ class Hosts:
         for netns in [h.netns for h in self.hosts] + [self.switch]:
             _ip("netns", "del", netns, check=False)
             shutil.rmtree(NETNS_ETC / netns, ignore_errors=True)
+
+
+def _remove_stale() -> None:
+    """Namespaces left by a test run that was killed before its finalizer ran (named after its dead pid)."""
+    listed = _ip("netns", "list", check=False).stdout.split()
+    for name in {n for n in listed if re.fullmatch(r"mpn\d+(sw|h\d+)", n)}:
+        if not psutil.pid_exists(int(re.match(r"mpn(\d+)", name).group(1))):
+            _ip("netns", "del", name, check=False)
+            shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
