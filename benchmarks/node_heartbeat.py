@@ -7,8 +7,10 @@
    wall and CPU time per beat, for 2 and 64 nodes.
 2. End to end: 2 "nodes" on this host (two `accelerate launch --num_machines 2`, 1 process each, DDP over gloo on
    loopback, so the heartbeat runs), a small model, median seconds per step from metrics.jsonl with
-   --node-timeout-s 0 (off), 30 (the default: a beat every 5 s) and 3 (a beat every 0.5 s, 10x the default rate,
-   to make any cost visible), interleaved off/default/fast, `--repeats` rounds.
+   --node-timeout-s 0 (off), 30 (the default: a beat every 5 s) and 6 (a beat every second, 5x the default rate,
+   to make any cost visible), interleaved off/default/fast, `--repeats` rounds. (At 3 s, a beat every 0.5 s, a
+   run at load 27 on 2 cores once reported a live node as lost: very short timeouts are not safe on an
+   oversubscribed host.)
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import conftest  # noqa: E402,F401  (1 thread per rank, gloo on loopback, offline)
 from benchmarks.machine import cpu_model  # noqa: E402
-from benchmarks.soak import build_corpus  # noqa: E402
 from mpnet_dist.metrics import read_metrics  # noqa: E402
 from tests.helpers import CONFIGS, free_port, launch_cmd, launch_env, tiny_args  # noqa: E402
 
-VARIANTS = {"off": "0", "default (30 s)": "30", "fast (3 s)": "3"}
+VARIANTS = {"off": "0", "default (30 s)": "30", "fast (6 s)": "6"}
 
 
 def beat_cost(nodes: int, beats: int = 2000) -> dict:
@@ -48,6 +49,17 @@ def beat_cost(nodes: int, beats: int = 2000) -> dict:
         client.multi_get(keys)
     return {"nodes": nodes, "wall_us": 1e6 * (time.perf_counter() - wall) / beats,
             "cpu_us": 1e6 * (time.process_time() - cpu) / beats}  # fmt: skip
+
+
+def build_corpus(root: Path) -> dict:
+    """The test suite's tiny corpus and tokenizer (tests/corpus.py), built once under `root`."""
+    from mpnet_dist.data import train_tokenizer
+    from tests.corpus import write_corpus
+
+    paths = write_corpus(root)
+    if not (root / "tokenizer").is_dir():
+        train_tokenizer((paths["train_dir"] / "part1.txt").read_text().splitlines(), root / "tokenizer", 600)
+    return {**paths, "tokenizer": root / "tokenizer", "cache": root / "cache"}
 
 
 def run_once(corpus: dict, out: Path, name: str, timeout_s: str, steps: int) -> float:
@@ -74,6 +86,10 @@ def run_once(corpus: dict, out: Path, name: str, timeout_s: str, steps: int) -> 
     return statistics.median(per_step[1:])  # the first window holds warm-up
 
 
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -81,10 +97,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/mpnet-heartbeat"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    say(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     beats = [beat_cost(n) for n in (2, 64)]
     for b in beats:
-        print(f"one beat, {b['nodes']} nodes: {b['wall_us']:.0f} us wall, {b['cpu_us']:.0f} us CPU")
+        say(f"one beat, {b['nodes']} nodes: {b['wall_us']:.0f} us wall, {b['cpu_us']:.0f} us CPU")
     corpus = build_corpus(args.out / "corpus")
     results: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for round_ in range(args.repeats):
@@ -92,9 +108,9 @@ def main() -> int:
             tag = f"r{round_}_{timeout_s}"
             seconds = run_once(corpus, args.out, tag, timeout_s, args.steps)
             results[name].append(seconds)
-            print(f"round {round_} {name:>15}: {1000 * seconds:.1f} ms/step (load {os.getloadavg()[0]:.1f})")
+            say(f"round {round_} {name:>15}: {1000 * seconds:.1f} ms/step (load {os.getloadavg()[0]:.1f})")
     for name, values in results.items():
-        print(f"{name:>15}: median {1000 * statistics.median(values):.1f} ms/step over {len(values)} run(s)")
+        say(f"{name:>15}: median {1000 * statistics.median(values):.1f} ms/step over {len(values)} run(s)")
     (args.out / "heartbeat.json").write_text(json.dumps({"beats": beats, "ms_per_step": results}, indent=1))
     return 0
 
