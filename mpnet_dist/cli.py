@@ -26,6 +26,11 @@ COMMANDS = {
         "tokenizer_main",
         "train a WordPiece tokenizer (MPNet special-token layout)",
     ),
+    "network": (
+        "mpnet_dist.network",
+        "main",
+        "which network interface reaches the head node (run on each node before a multi-node launch)",
+    ),
 }
 
 

@@ -163,6 +163,13 @@ class TrainConfig:
         0, "Consecutive steps with a NaN/Inf loss to skip before stopping (0: stop at the first)."
     )
     debug: bool = _opt(False, "Debug-level logging, and full tracebacks for user errors.")
+    # --- several nodes (README "Several nodes") ---
+    startup_timeout_s: float = _opt(
+        60.0, "Multi-node: seconds every node's training processes may take to report in at start."
+    )
+    node_timeout_s: float = _opt(
+        30.0, "Multi-node: a node silent this long (heartbeat) is lost and the others stop (0: no heartbeat)."
+    )
 
     def __post_init__(self) -> None:
         self._fill_from_environment()
@@ -267,6 +274,8 @@ class TrainConfig:
                 problems.append(f"{flag(name)} must be >= 1 (got {getattr(self, name)})")
         if self.dist_timeout_s < 1:
             problems.append(f"{flag('dist_timeout_s')} must be >= 1 (got {self.dist_timeout_s})")
+        if not self.startup_timeout_s > 0 or not self.node_timeout_s >= 0:
+            problems.append(f"{flag('startup_timeout_s')} must be > 0 and {flag('node_timeout_s')} >= 0")
         if self.deepspeed_overrides is not None and not isinstance(
             _json_object(self.deepspeed_overrides), dict
         ):

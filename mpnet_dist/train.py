@@ -31,8 +31,10 @@ from mpnet_dist.command import run_command
 from mpnet_dist.config import TrainConfig, parse_config
 from mpnet_dist.data.pipeline import Data
 from mpnet_dist.distributed import build_accelerator, describe, zero_stage
+from mpnet_dist.errors import UserError
 from mpnet_dist.metrics import LogWindow, MetricsWriter, console_line, setup_logging
 from mpnet_dist.model_setup import build_model
+from mpnet_dist.nodes import join, report_failure
 from mpnet_dist.optim import build_optimizer, lr_at
 from mpnet_dist.run_folder import claim_run_folder, decide_on_rank_zero, prepare_run_folder
 from mpnet_dist.step import NonFiniteLossError, StepResult, evaluate, train_step
@@ -44,16 +46,34 @@ logger = logging.getLogger("mpnet_dist")
 def main(argv: list[str] | None = None) -> int:
     """A user error ends as one line on stderr and exit code 2 (command.py); --debug shows its traceback."""
     argv = sys.argv[1:] if argv is None else argv
-    return run_command("mpnet-dist train", lambda args: run(parse_config(args)), argv)
+    return run_command("mpnet-dist train", _train, argv)
+
+
+def _train(args: list[str]) -> int:
+    cfg = parse_config(args)
+    try:
+        return run(cfg)
+    except UserError:
+        raise
+    except Exception as err:
+        code = report_failure(err)  # a host with no route, a lost node: one line naming it, no traceback
+        if code is None:
+            raise
+        return code
 
 
 def run(cfg: TrainConfig) -> int:
     stop_with_launcher()
+    # Several nodes only: interface, node table and heartbeat, before the process group exists.
+    cluster = join(cfg.startup_timeout_s, cfg.node_timeout_s, torch.cuda.is_available())
     loop = build_loop(cfg)
     try:
-        return _train_loop(loop)
+        code = _train_loop(loop)
     finally:
         loop.writer.close()
+    if cluster is not None:
+        cluster.leave()  # finished cleanly: the others must not count this node's silence as a loss
+    return code
 
 
 @dataclass(eq=False)

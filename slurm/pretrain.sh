@@ -20,10 +20,17 @@
 #   LAUNCH_CONFIG  Accelerate config (default: launch_configs/accelerate/ddp_8gpu.yaml; for DeepSpeed use a
 #                  deepspeed_zero*.yaml: they set deepspeed_multinode_launcher: standard, which srun needs)
 #   GPUS_PER_NODE  training processes per node (default: $SLURM_GPUS_ON_NODE, else 8)
+#   MASTER_ADDR    how the other nodes reach the head (default: its name from `scontrol show hostnames`; set an
+#                  address or a name on another network, e.g. node01-ib, to choose the network)
 #   MASTER_PORT    rendezvous port on the head node (default: 10000 + job id % 50000, so jobs sharing a
 #                  node do not collide and a requeued job gets the same one)
+#   RDZV_TIMEOUT   seconds the launchers wait for each other at start (default: 60)
+#   GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME  the network interface, where the route to MASTER_ADDR is not the one
+#                  to use (default: training picks the interface whose address routes to the head)
 #   MAX_REQUEUES   stop requeueing after this many restarts (default: 100)
 # GPUs are requested on the sbatch command line (--gpus-per-node=8 or --gres=gpu:8, as your site wants).
+# A node that dies ends the whole step (srun --kill-on-bad-exit); a node that hangs or drops off the network is
+# detected by the training processes' heartbeat (--node-timeout-s) and ends it the same way.
 #
 #SBATCH --job-name=mpnet-dist
 #SBATCH --nodes=2
@@ -42,6 +49,7 @@ export ARGS=${ARGS:-}
 export LAUNCH_CONFIG=${LAUNCH_CONFIG:-launch_configs/accelerate/ddp_8gpu.yaml}
 export GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 export MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 50000))}
+export RDZV_TIMEOUT=${RDZV_TIMEOUT:-60}
 MAX_REQUEUES=${MAX_REQUEUES:-100}
 JOB=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
 JOB=${JOB:-$SLURM_JOB_ID}
@@ -53,10 +61,10 @@ if [ -z "$HEAD_NODE" ]; then
   echo "[pretrain.sh] cannot find the head node: 'scontrol show hostnames $SLURM_JOB_NODELIST' printed nothing" >&2
   exit 1
 fi
-export HEAD_NODE
+export MASTER_ADDR=${MASTER_ADDR:-$HEAD_NODE}
 mkdir -p "$RUN_DIR"
 echo "[pretrain.sh] $(date '+%F %T') job $JOB restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NNODES node(s) x" \
-  "$GPUS_PER_NODE process(es), head $HEAD_NODE:$MASTER_PORT, $LAUNCH_CONFIG, run dir $RUN_DIR"
+  "$GPUS_PER_NODE process(es), head $MASTER_ADDR:$MASTER_PORT, $LAUNCH_CONFIG, run dir $RUN_DIR"
 
 STOP=0
 request_stop() {
@@ -67,11 +75,14 @@ request_stop() {
 trap request_stop USR1
 
 # Single quotes: each node's task expands its own SLURM_NODEID (in this shell it would be 0 everywhere).
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+# Each node first checks that it has a route to the head (one line and exit 2 if not, instead of the launcher
+# retrying for RDZV_TIMEOUT); --kill-on-bad-exit then ends every node's task when one fails.
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'set -o pipefail
+  python -m mpnet_dist network "$MASTER_ADDR" | sed "s/^/[pretrain.sh] node $SLURM_NODEID: /" || exit 2
   exec accelerate launch --config_file "$LAUNCH_CONFIG" \
     --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \
     --num_processes $((SLURM_NNODES * GPUS_PER_NODE)) \
-    --main_process_ip "$HEAD_NODE" --main_process_port "$MASTER_PORT" \
+    --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" --rdzv_conf "timeout=$RDZV_TIMEOUT" \
     --rdzv_backend static --same_network --deepspeed_multinode_launcher standard \
     -m mpnet_dist.train ${RECIPE:+--config "$RECIPE"} $ARGS --checkpoint-dir "$RUN_DIR" --resume
 ' &
