@@ -31,6 +31,7 @@ from mpnet_dist.consolidate import (
 )
 from mpnet_dist.export_check import ExportVerificationError, verify_export
 from mpnet_dist.model import HFExportError, MPNetConfig, MPNetForPretraining, export_problems, to_hf
+from mpnet_dist.sentence_transformers_files import write_sentence_transformers_files
 
 logger = logging.getLogger("mpnet_dist")
 
@@ -74,8 +75,13 @@ def export_model(
     save_tokenizer: bool = True,
     source: str = "",
     step: int | None = None,
+    sentence_transformers: bool = True,
 ) -> ExportReport:
-    """Write `model` (CPU, fp32) as a verified HF folder at out_dir. tokenizer: None only if not saving it."""
+    """Write `model` (CPU, fp32) as a verified HF folder at out_dir. tokenizer: None only if not saving it.
+
+    sentence_transformers: also the files that let `SentenceTransformer(out_dir)` load it (mean pooling);
+    they need the tokenizer in the folder, so they are skipped without it.
+    """
     config = model.config
     check_exportable(config)
     if dtype not in DTYPES:
@@ -95,6 +101,11 @@ def export_model(
             tokenizer.model_max_length = config.max_positions  # as the reference converter does
             tokenizer.save_pretrained(tmp)
         what = "weights, config and tokenizer" if save_tokenizer else "weights and config"
+        if sentence_transformers and save_tokenizer:
+            write_sentence_transformers_files(tmp, config.encoder_embed_dim, config.max_positions)
+            what += " (+ sentence-transformers modules)"
+        elif sentence_transformers:
+            logger.info("no tokenizer saved: sentence-transformers files skipped (they need one)")
         logger.info("wrote %s %s to %s; verifying", dtype, what, tmp)
         reference = MPNetForPretraining(MPNetConfig.from_dict(config.to_dict()))
         load_complete_state_dict(reference, {k: v.float() for k, v in exported.items()}, source="export")
@@ -160,6 +171,7 @@ def export_checkpoint(
     save_tokenizer: bool = True,
     trust: bool = False,
     tokenizer_name: str | None = None,
+    sentence_transformers: bool = True,
 ) -> ExportReport:
     """Offline export (CPU only) of a checkpoint folder, a run directory (its final or newest checkpoint),
     or a `.pt` file written by the reference trainer, annotated-mpnet."""
@@ -180,7 +192,7 @@ def export_checkpoint(
         model, _ = load_checkpoint_model(path, trust=trust)
     return export_model(
         model, out_dir, tokenizer, dtype=dtype, save_tokenizer=save_tokenizer, source=str(path),
-        step=train_state.get("step"),
+        step=train_state.get("step"), sentence_transformers=sentence_transformers,
     )  # fmt: skip
 
 
@@ -278,6 +290,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tokenizer-name", help="tokenizer to save (default: the one the run was trained with)"
     )
+    parser.add_argument(
+        "--no-sentence-transformers",
+        action="store_true",
+        help="skip modules.json, sentence_bert_config.json and 1_Pooling/ (written by default so that "
+        "SentenceTransformer(OUT_DIR) loads the model with mean pooling)",
+    )
     return parser
 
 
@@ -291,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         save_tokenizer=not args.no_save_tokenizer,
         trust=args.trust_checkpoint,
         tokenizer_name=args.tokenizer_name,
+        sentence_transformers=not args.no_sentence_transformers,
     )
 
 

@@ -28,6 +28,7 @@ from mpnet_dist.checkpoint import (
     step_name,
 )
 from mpnet_dist.config import ConfigError, TrainConfig, dump_yaml, parse_config
+from mpnet_dist.data.unigram import unigram_loss
 from mpnet_dist.distributed import build_accelerator, describe, zero_stage
 from mpnet_dist.metrics import MetricsWriter, console_line, read_metrics, setup_logging
 from mpnet_dist.model_setup import build_model
@@ -204,10 +205,13 @@ def _run_steps(cfg, accelerator, model, optimizer, data, state, writer, run_dir,
     window = _Window()
     nonfinite_run = 0
     if state.step == 0 and cfg.total_updates > 0:
-        # The untrained model's validation loss: the baseline every later evaluation is read against.
+        # The untrained model's validation loss and the unigram baseline: later evaluations are read against both.
         result = evaluate(accelerator, model, data.valid)
+        baseline = unigram_loss(accelerator, data)  # collective
         if result is not None:
-            _write_eval(writer, state, "valid", result)
+            _write_eval(
+                writer, state, "valid", result if baseline is None else {**result, "unigram_loss": baseline}
+            )
     model.train()
     while state.step < cfg.total_updates:
         started = time.perf_counter()
@@ -323,13 +327,15 @@ def _write_eval(writer, state, split: str, result: dict) -> None:
         "elapsed_s": state.elapsed_s,
     }
     writer.write(record)
+    baseline = f" | unigram baseline {result['unigram_loss']:.4f}" if "unigram_loss" in result else ""
     logger.info(
-        "%s step %d | loss %.4f (%.4f bits) | acc %.3f",
+        "%s step %d | loss %.4f (%.4f bits) | acc %.3f%s",
         split,
         state.step,
         result["loss"],
         record["loss_bits"],
         result["acc"],
+        baseline,
     )
 
 

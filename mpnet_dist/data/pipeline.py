@@ -2,6 +2,7 @@
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from mpnet_dist.data.packing import Blocks, build_block_cache, pack_documents
 from mpnet_dist.data.sources import check_file, list_train_files, open_stream, take_eval
 from mpnet_dist.data.stream import StreamBatches, StreamPlan, StreamReader
 from mpnet_dist.data.tokenizer import Encoder, fingerprint, special_ids, validate_tokenizer
+from mpnet_dist.data.unigram import STREAM_DOCS, count_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ class Data:
     spec: Any  # the MaskingSpec every batch was built with
     vocab_size: int
     source_info: str
+    # -> (training token counts [V], counts already global on every rank?, what was counted); unigram.py
+    token_counts: Callable[[], tuple[Any, bool, str]] | None = None
 
 
 def masking_spec(cfg: Any, tokenizer: Any) -> Any:
@@ -95,7 +99,11 @@ def _file_data(cfg, tokenizer, spec, rank, world_size, train_dir, valid_file, te
         f"{len(files)} file(s) in {train_dir}: {blocks.meta['n_docs']} documents, {blocks.n_tokens} tokens, "
         f"{blocks.n_rows} rows of <= {cfg.max_tokens} tokens ({mode}); cache {blocks.path}"
     )
-    return Data(train, evals.get("valid"), evals.get("test"), spec, len(tokenizer), info)
+
+    def counts() -> tuple[Any, bool, str]:
+        return count_tokens(blocks.tokens, len(tokenizer)), True, f"{blocks.n_tokens:,} training tokens"
+
+    return Data(train, evals.get("valid"), evals.get("test"), spec, len(tokenizer), info, counts)
 
 
 def _check_train_size(blocks: Blocks, batch_size: int, world_size: int, what: str) -> None:
@@ -168,7 +176,13 @@ def _stream_data(cfg, tokenizer, spec, rank, world_size) -> Data:
         f"{plan.n_readers} reader(s), {layout}; {len(valid_docs)} valid / {len(test_docs)} test documents "
         f"taken before shuffling; shuffle chunks of {plan.buffer_size} documents"
     )
-    return Data(train, evals.get("valid"), evals.get("test"), spec, len(tokenizer), info)
+
+    def counts() -> tuple[Any, bool, str]:
+        ids, _, _ = encoder.encode(readers[0].first_documents(STREAM_DOCS))
+        what = f"the first {STREAM_DOCS} training documents of each of {world_size} rank(s)"
+        return count_tokens(ids, len(tokenizer)), False, what
+
+    return Data(train, evals.get("valid"), evals.get("test"), spec, len(tokenizer), info, counts)
 
 
 def _source_id(cfg: Any, name: str) -> str:
