@@ -125,6 +125,12 @@ class TrainConfig:
     wandb_name: str | None = _opt(None, "W&B run name.")
     wandb_id: str | None = _opt(None, "W&B run id (resume='allow').")
     wandb_watch: bool = _opt(False, "wandb.watch the model (gradients every 100 steps).")
+    plot_curves: bool = _opt(
+        True, "Redraw <checkpoint-dir>/curves.png after every evaluation (rank 0; a failure only warns)."
+    )
+    fill_mask_demo: int = _opt(
+        0, "At the end, print top-3 fill-mask predictions for N held-out validation sentences (0: none)."
+    )
     max_nonfinite_skips: int = _opt(
         0, "Consecutive steps with a NaN/Inf loss to skip before stopping (0: stop at the first)."
     )
@@ -189,6 +195,7 @@ class TrainConfig:
             "num_workers",
             "min_text_length",
             "max_nonfinite_skips",
+            "fill_mask_demo",
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{flag(name)} must be >= 0 (got {getattr(self, name)})")

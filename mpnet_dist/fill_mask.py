@@ -89,6 +89,25 @@ def run_demo(checkpoint: Path, texts: list[str], count: int, seed: int) -> str:
     return "\n".join(lines)
 
 
+def print_demo(cfg: Any, checkpoint: Path) -> None:
+    """Training's --fill-mask-demo N (rank 0, after the final save); a failure only warns."""
+    from mpnet_dist.data.corpus import materialize_builtin_corpus
+    from mpnet_dist.data.sources import read_documents
+
+    if cfg.valid_file:
+        valid = Path(cfg.valid_file)
+    elif cfg.dataset_name == "builtin" and not cfg.train_dir:
+        valid = materialize_builtin_corpus(cfg.data_cache_dir).valid_file
+    else:
+        logger.warning("--fill-mask-demo needs held-out text: a --valid-file or --dataset-name builtin")
+        return
+    try:
+        texts = list(read_documents(valid, cfg.text_field))
+        print(run_demo(checkpoint, texts, cfg.fill_mask_demo, cfg.seed), flush=True)
+    except Exception as err:  # a demo must never turn a finished run into a failed one
+        logger.warning("fill-mask demo failed (%s: %s)", type(err).__name__, err)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mpnet-dist fill-mask",

@@ -50,6 +50,7 @@ class MetricsWriter:
     def __init__(self, cfg, run_dir: Path, enabled: bool):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
+        self.curves = enabled and cfg.plot_curves  # RUN_DIR/curves.png, redrawn after each validation
         self.tb = None
         self.wandb = None
         if not enabled:
@@ -76,6 +77,10 @@ class MetricsWriter:
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log({f"{split}/{k}": v for k, v in scalars.items()}, step=step)
+        if self.curves and split == "valid":
+            from mpnet_dist.plot import refresh_curves
+
+            refresh_curves(self.path.parent)
 
     def close(self) -> None:
         if self.tb is not None:

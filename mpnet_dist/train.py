@@ -268,6 +268,10 @@ def _run_steps(cfg, accelerator, model, optimizer, data, state, writer, run_dir,
 
         export_from_training(accelerator, model, cfg, Path(cfg.export_hf_dir))
     logger.info("done: %d steps, %s tokens in %.0fs", state.step, f"{state.tokens:,}", state.elapsed_s)
+    if cfg.fill_mask_demo and accelerator.is_main_process:
+        from mpnet_dist.fill_mask import print_demo
+
+        print_demo(cfg, run_dir / "final")
     return 0
 
 

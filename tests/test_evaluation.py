@@ -6,10 +6,12 @@ both are an independent check of the scoring (and of the export).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import itertools
 import json
 import logging
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +23,29 @@ from tests.test_train import tiny_args, train
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_corpus, tmp_path_factory) -> dict[str, Path]:
+def trained(tiny_corpus, tmp_path_factory) -> dict:
+    """A tiny run with training's curves and fill-mask demo on, and its export (sentence-transformers files
+    are written by default)."""
     root = tmp_path_factory.mktemp("evaluation")
-    assert train(tiny_args(tiny_corpus, root / "run", "--total-updates", "8", "--dropout", "0")) == 0
-    export_checkpoint(root / "run" / "final", root / "hf")  # sentence-transformers files by default
-    return {"run": root / "run", "hf": root / "hf", "text": tiny_corpus["test"]}
+    args = tiny_args(tiny_corpus, root / "run", "--total-updates", "8", "--dropout", "0", "--plot-curves",
+                     "--eval-interval-steps", "4", "--fill-mask-demo", "3")  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert train(args) == 0
+    export_checkpoint(root / "run" / "final", root / "hf")
+    return {"run": root / "run", "hf": root / "hf", "text": tiny_corpus["test"], "stdout": printed.getvalue()}
+
+
+def test_training_draws_curves_and_ends_with_the_fill_mask_demo(trained):
+    from tests.test_plot import assert_png_has_a_picture
+
+    assert_png_has_a_picture(trained["run"] / "curves.png")
+    lines = trained["stdout"][trained["stdout"].index("fill-mask demo") :].splitlines()
+    demo = [lines[0], *itertools.takewhile(lambda line: line.startswith("  "), lines[1:])]
+    assert len(demo) == 1 + 2 * 3, demo  # a header, then each sentence and its top 3
+    for sentence, predictions in zip(demo[1::2], demo[2::2], strict=True):
+        assert "<mask>" in sentence and sentence.rstrip().endswith("]")
+        assert len(predictions.split(" | ")) == 3
 
 
 def run_eval(capsys, *args: object) -> tuple[int, dict | None, str]:

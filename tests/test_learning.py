@@ -69,7 +69,7 @@ def cycle_args(corpus: dict[str, Path], run_dir: Path, seed: int) -> list[str]:
         "--encoder-attention-heads", "4", "--dropout", "0", "--attention-dropout", "0",
         "--activation-dropout", "0", "--lr", "0.003", "--end-learning-rate", "0.003",
         "--warmup-updates", "20", "--total-updates", str(STEPS), "--eval-interval-steps", "0",
-        "--logging-steps", "40", "--seed", str(seed),
+        "--logging-steps", "40", "--no-plot-curves", "--seed", str(seed),
     ]  # fmt: skip
 
 

@@ -26,7 +26,7 @@ def tiny_args(corpus, run_dir: Path, *extra: str) -> list[str]:
         "--max-tokens", "32", "--encoder-layers", "2", "--encoder-embed-dim", "32", "--encoder-ffn-dim", "64",
         "--encoder-attention-heads", "4", "--batch-size", "4", "--update-freq", "2", "--total-updates", "6",
         "--warmup-updates", "2", "--lr", "0.003", "--logging-steps", "1", "--eval-interval-steps", "3",
-        "--dropout", "0.1", "--seed", "7", *extra,
+        "--dropout", "0.1", "--seed", "7", "--no-plot-curves", *extra,
     ]  # fmt: skip
 
 
