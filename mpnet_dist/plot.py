@@ -107,12 +107,12 @@ def _notes(ax: Any, runs: dict[str, list[dict[str, Any]]]) -> None:
     ax.axis("off")
     lines = ["latest validation"]
     for label, records in runs.items():
-        valid = [r for r in records if r.get("split") == "valid"]
+        valid = sorted((r for r in records if r.get("split") == "valid"), key=lambda r: r["step"])
         if not valid:
             lines.append(f"{label}: none yet")
             continue
         last, baseline = valid[-1], unigram_baseline(records)
-        gap = f", {baseline - last['loss']:+.2f} below unigram" if baseline is not None else ""
+        gap = f", {last['loss'] - baseline:+.2f} vs unigram" if baseline is not None else ""
         lines.append(f"{label}: step {last['step']}, loss {last['loss']:.3f}{gap}, acc {last['acc']:.3f}")
     ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", fontsize=9, family="monospace")
 
