@@ -1,7 +1,7 @@
 """A trained model ready to score text: from an mpnet-dist checkpoint (any kind), a run directory, an
 annotated-mpnet `.pt` file, or a Hugging Face MPNet folder.
 
-Checkpoints are read with consolidate.py (the loader export uses) and run through our model; Hugging Face
+Checkpoints are read with export/weights.py (the loader export uses) and run through our model; Hugging Face
 folders run through transformers' own MPNetForMaskedLM, so comparing a checkpoint with its export compares
 two independent implementations. Both expose masked-LM logits in Hugging Face's convention; checkpoints also
 keep the pretraining model for the two-stream objective.
@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mpnet_dist.checkpoint import CheckpointError
-from mpnet_dist.consolidate import load_checkpoint_model, load_reference_checkpoint, resolve_checkpoint
+from mpnet_dist.checkpoint import CheckpointError, resolve_checkpoint
+from mpnet_dist.export.reference import load_reference_checkpoint
+from mpnet_dist.export.tokenizer import load_run_tokenizer
+from mpnet_dist.export.weights import load_checkpoint_model
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -53,8 +55,6 @@ def load_model(path: Path, *, trust: bool = False, tokenizer_name: str | None = 
 
 
 def _load_checkpoint(path: Path, trust: bool, tokenizer_name: str | None) -> LoadedModel:
-    from mpnet_dist.export import load_run_tokenizer
-
     if path.is_file():
         model, train_state = load_reference_checkpoint(path, trust=trust)
     else:
@@ -72,7 +72,7 @@ def _load_checkpoint(path: Path, trust: bool, tokenizer_name: str | None) -> Loa
     def logits(ids: Tensor, mask: Tensor) -> Tensor:
         return model.mlm_logits(ids, mask)
 
-    config = train_state.get("config") or None
+    config = train_state.config or None
     return LoadedModel(str(path), "checkpoint", tokenizer, logits, model.config.max_positions, model, config)
 
 

@@ -9,7 +9,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from mpnet_dist.loss import IGNORE, prediction_loss
+from mpnet_dist.data.batch import IGNORE_INDEX
+from mpnet_dist.loss import prediction_loss
 from mpnet_dist.optim import set_lr
 
 
@@ -58,7 +59,7 @@ def train_step(
     stop_flag: bool,
 ) -> StepResult:
     device = accelerator.device
-    n_pred_local = sum(int((b["targets"] != IGNORE).sum()) for b in micro_batches)
+    n_pred_local = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro_batches)
     n_tokens_local = sum(count_input_tokens(b) for b in micro_batches)
     # One all-reduce: global predicted-token count (the loss denominator), input tokens, and the stop votes.
     agreed = torch.tensor(
@@ -143,7 +144,7 @@ def evaluate(accelerator: Accelerator, model, batches) -> dict[str, float] | Non
         if batch is None:
             raise RuntimeError("a rank has no evaluation batches while others do; check the eval split")
         loss_sum, correct = prediction_loss(forward(model, batch), batch["targets"])
-        n_pred = (batch["targets"] != IGNORE).sum()
+        n_pred = (batch["targets"] != IGNORE_INDEX).sum()
         sums += weight * torch.stack([loss_sum.double(), correct.double(), n_pred.double()])
     model.train(was_training)
     sums = accelerator.reduce(sums, reduction="sum")

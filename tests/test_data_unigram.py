@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 
@@ -11,8 +12,7 @@ import pytest
 import mpnet_dist.data.unigram as unigram
 from mpnet_dist.data import build_data
 from mpnet_dist.data.sources import read_documents
-from tests.conftest import doc_text, make_cfg
-from tests.test_data_stream import _cfg, jsonl_dir  # noqa: F401  (module fixture: a local streamed dataset)
+from tests.helpers import doc_text, make_cfg
 
 
 class OneProcess:
@@ -59,8 +59,12 @@ def test_baseline_of_local_files_matches_an_independent_count(tmp_path, tokenize
     assert unigram.unigram_loss(OneProcess(), data) == pytest.approx(expected, rel=1e-9)
 
 
-def test_streams_count_the_first_training_documents(jsonl_dir, tokenizer):  # noqa: F811
-    data = build_data(_cfg(jsonl_dir), tokenizer, rank=0, world_size=1)
+def test_streams_count_the_first_training_documents(tmp_path, tokenizer):
+    root = tmp_path / "ds"  # a local JSON-lines dataset, streamed through HF datasets like a hub one
+    root.mkdir()
+    (root / "part0.jsonl").write_text("".join(json.dumps({"text": doc_text(i)}) + "\n" for i in range(40)))
+    cfg = make_cfg(dataset_name=str(root), eval_samples=5, min_text_length=1, buffer_size=8)
+    data = build_data(cfg, tokenizer, rank=0, world_size=1)
     counts, shared, what = data.token_counts()
     assert not shared and "first" in what  # summed over ranks by unigram_loss
     assert counts.sum() > 0

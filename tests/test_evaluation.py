@@ -19,7 +19,7 @@ import torch
 from mpnet_dist.evaluation import main as eval_main
 from mpnet_dist.export import export_checkpoint
 from mpnet_dist.fill_mask import main as fill_mask_main
-from tests.test_train import tiny_args, train
+from tests.helpers import assert_png_has_a_picture, tiny_args, train
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,6 @@ def trained(tiny_corpus, tmp_path_factory) -> dict:
 
 
 def test_training_draws_curves_and_ends_with_the_fill_mask_demo(trained):
-    from tests.test_plot import assert_png_has_a_picture
-
     assert_png_has_a_picture(trained["run"] / "curves.png")
     lines = trained["stdout"][trained["stdout"].index("fill-mask demo") :].splitlines()
     demo = [lines[0], *itertools.takewhile(lambda line: line.startswith("  "), lines[1:])]

@@ -26,7 +26,7 @@ import mpnet_dist.data.loader as loader_module
 from mpnet_dist.fill_mask import fill_mask
 from mpnet_dist.inference import load_model
 from mpnet_dist.metrics import read_metrics
-from tests.test_train import train
+from tests.helpers import train
 
 WORDS = [c + v + end for end in ("la", "mo") for c in "bdfgk" for v in "aeiou"][:32]
 CYCLE = len(WORDS)  # 32

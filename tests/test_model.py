@@ -9,34 +9,10 @@ import torch
 
 from mpnet_dist.model import MPNetConfig, MPNetForPretraining
 from mpnet_dist.model.attention import SDPAKernel, two_stream_mask
+from tests.helpers import tiny_config, tiny_model
 
 PAD = 1
 TOKENIZER_VOCAB = 100  # ids drawn below this; the model's vocab is padded to 128
-
-
-def tiny_config(**overrides) -> MPNetConfig:
-    settings = dict(
-        vocab_size=128,
-        encoder_layers=2,
-        encoder_embed_dim=32,
-        encoder_ffn_dim=64,
-        encoder_attention_heads=4,
-        max_positions=40,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-    )
-    settings.update(overrides)
-    return MPNetConfig(**settings)
-
-
-def tiny_model(seed: int = 0, **overrides) -> MPNetForPretraining:
-    torch.manual_seed(seed)
-    model = MPNetForPretraining(tiny_config(**overrides))
-    with torch.no_grad():  # move off the init so biases and LayerNorms matter
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    return model.eval()
 
 
 def two_stream_row(tokens: list[int], positions: list[int], masked: list[int], p: int):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from mpnet_dist.plot import CURVES_FILE, main, plot_runs, refresh_curves
+from tests.helpers import assert_png_has_a_picture
 
 
 def write_run(run_dir: Path, scale: float = 1.0) -> list[dict]:
@@ -68,17 +68,6 @@ def test_plotted_series_are_the_metrics(tmp_path):
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert {"run_a train", "run_b valid", "run_b unigram"} <= set(legend)
     assert_png_has_a_picture(out)
-
-
-def assert_png_has_a_picture(path: Path) -> None:
-    from matplotlib.image import imread
-
-    pixels = imread(str(path))[..., :3]  # [H, W, 3] floats in [0, 1]
-    assert pixels.shape[0] > 300 and pixels.shape[1] > 600
-    inked = (pixels < 0.9).any(axis=-1).mean()  # share of pixels that are not (near) white
-    coloured = (np.ptp(pixels, axis=-1) > 0.2).mean()  # share of clearly coloured pixels (the curves)
-    assert 0.01 < inked < 0.6, inked
-    assert coloured > 0.001, coloured
 
 
 def test_cli_writes_png_and_refuses_a_folder_without_metrics(tmp_path, capsys):
