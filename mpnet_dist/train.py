@@ -37,6 +37,7 @@ from mpnet_dist.distributed import build_accelerator, describe, zero_stage
 from mpnet_dist.metrics import LogWindow, MetricsWriter, console_line, read_metrics, setup_logging
 from mpnet_dist.model_setup import build_model
 from mpnet_dist.optim import build_optimizer, lr_at
+from mpnet_dist.plot import refresh_curves
 from mpnet_dist.step import NonFiniteLossError, StepResult, evaluate, train_step
 from mpnet_dist.stopping import PREEMPT_FILE, PREEMPTED_MARKER, StopSignal, stop_with_launcher
 
@@ -178,7 +179,8 @@ def build_loop(cfg: TrainConfig) -> Loop:
     if resume_from:
         _restore(loop)
     _prepare_run_dir(loop)
-    loop.writer = MetricsWriter(cfg, loop.run_dir, accelerator.is_main_process)
+    curves = refresh_curves if cfg.plot_curves else None  # RUN_DIR/curves.png after each validation
+    loop.writer = MetricsWriter(cfg, loop.run_dir, accelerator.is_main_process, curves)
     if cfg.wandb_watch and loop.writer.wandb is not None:
         loop.writer.wandb.watch(accelerator.unwrap_model(model), log_freq=100)
     return loop
