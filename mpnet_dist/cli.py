@@ -21,6 +21,9 @@ COMMANDS = {
         "main",
         "write a verified Hugging Face MPNetForMaskedLM folder from a checkpoint",
     ),
+    "eval": ("mpnet_dist.evaluation", "main", "masked-LM loss, accuracy and perplexity on held-out text"),
+    "fill-mask": ("mpnet_dist.fill_mask", "main", "top predictions for each <mask> in a text"),
+    "plot": ("mpnet_dist.plot", "main", "draw training curves (loss vs unigram, accuracy, lr...) of runs"),
     "tokenizer": (
         "mpnet_dist.data",
         "tokenizer_main",

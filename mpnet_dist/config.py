@@ -21,11 +21,7 @@ import yaml
 
 from mpnet_dist import flags
 from mpnet_dist.data.cache import CACHE_ENV, DEFAULT_CACHE_DIR
-from mpnet_dist.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A bad flag or recipe value; the message names the flag to fix."""
+from mpnet_dist.errors import ConfigError
 
 
 def _opt(default: Any, help: str, *aliases: str, choices: tuple | None = None) -> Any:
@@ -148,6 +144,12 @@ class TrainConfig:
     wandb_name: str | None = _opt(None, "W&B run name.")
     wandb_id: str | None = _opt(None, "W&B run id (resume='allow').")
     wandb_watch: bool = _opt(False, "wandb.watch the model (gradients every 100 steps).")
+    plot_curves: bool = _opt(
+        True, "Redraw <checkpoint-dir>/curves.png after every evaluation (rank 0; a failure only warns)."
+    )
+    fill_mask_demo: int = _opt(
+        0, "At the end, print top-3 fill-mask predictions for N held-out validation sentences (0: none)."
+    )
     dist_timeout_s: int | None = _opt(
         None,
         "Timeout of every collective, in seconds (default $MPNET_DIST_TIMEOUT_S, else 1800); it must exceed the "
@@ -246,6 +248,7 @@ class TrainConfig:
             "num_workers",
             "min_text_length",
             "max_nonfinite_skips",
+            "fill_mask_demo",
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{flag(name)} must be >= 0 (got {getattr(self, name)})")

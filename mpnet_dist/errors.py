@@ -10,3 +10,8 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A problem the user can fix; the message names the culprit (flag or file) and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad flag or recipe value; the message names the flag to fix. Defined here rather than in config.py so
+    that modules config.py depends on (distributed.py through the checkpoint package) can raise it too."""

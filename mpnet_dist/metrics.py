@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,10 @@ class LogWindow:
 class MetricsWriter:
     """Appends one JSON object per logged step or evaluation to metrics.jsonl, mirrors to trackers."""
 
-    def __init__(self, cfg, run_dir: Path, enabled: bool):
+    def __init__(self, cfg, run_dir: Path, enabled: bool, after_valid: Callable[[Path], None] | None = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
+        self.after_valid = after_valid  # called with the run folder after each validation record (curves.png)
         self.tb = None
         self.wandb = None
         if not enabled:
@@ -97,6 +99,8 @@ class MetricsWriter:
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log({f"{split}/{k}": v for k, v in scalars.items()}, step=step)
+        if self.after_valid is not None and split == "valid":
+            self.after_valid(self.path.parent)
 
     def close(self) -> None:
         if self.tb is not None:

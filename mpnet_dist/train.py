@@ -30,12 +30,14 @@ from mpnet_dist.checkpoint import (
 from mpnet_dist.command import run_command
 from mpnet_dist.config import TrainConfig, parse_config
 from mpnet_dist.data.pipeline import Data
+from mpnet_dist.data.unigram import unigram_loss
 from mpnet_dist.distributed import build_accelerator, describe, zero_stage
 from mpnet_dist.errors import UserError
 from mpnet_dist.metrics import LogWindow, MetricsWriter, console_line, setup_logging
 from mpnet_dist.model_setup import build_model
 from mpnet_dist.nodes import join, report_failure
 from mpnet_dist.optim import build_optimizer, lr_at
+from mpnet_dist.plot import refresh_curves
 from mpnet_dist.run_folder import claim_run_folder, decide_on_rank_zero, prepare_run_folder
 from mpnet_dist.step import NonFiniteLossError, StepResult, evaluate, train_step
 from mpnet_dist.stopping import PREEMPTED_MARKER, StopSignal, stop_with_launcher
@@ -164,7 +166,8 @@ def build_loop(cfg: TrainConfig) -> Loop:
     if resume_from:
         _restore(loop)
     prepare_run_folder(accelerator, cfg, loop.step)
-    loop.writer = MetricsWriter(cfg, loop.run_dir, accelerator.is_main_process)
+    curves = refresh_curves if cfg.plot_curves else None  # RUN_DIR/curves.png after each validation
+    loop.writer = MetricsWriter(cfg, loop.run_dir, accelerator.is_main_process, curves)
     if cfg.wandb_watch and loop.writer.wandb is not None:
         loop.writer.wandb.watch(accelerator.unwrap_model(model), log_freq=100)
     return loop
@@ -212,7 +215,9 @@ def _run_steps(loop: Loop) -> int:
     """The outline of training: a baseline evaluation, then steps until --total-updates or a stop request."""
     cfg = loop.cfg
     if loop.step == 0 and cfg.total_updates > 0:
-        _evaluate(loop, "valid")  # the untrained model: the baseline every later evaluation is read against
+        # The untrained model and the unigram baseline: every later evaluation is read against both.
+        baseline = unigram_loss(loop.accelerator, loop.data)  # collective
+        _evaluate(loop, "valid", {} if baseline is None else {"unigram_loss": baseline})
     loop.model.train()
     while loop.step < cfg.total_updates:
         result = _step(loop)
@@ -294,6 +299,10 @@ def _finish(loop: Loop) -> int:
 
         export_from_training(loop.accelerator, loop.model, loop.tokenizer, Path(loop.cfg.export_hf_dir))
     logger.info("done: %d steps, %s tokens in %.0fs", loop.step, f"{loop.tokens:,}", loop.elapsed_s)
+    if loop.cfg.fill_mask_demo and loop.accelerator.is_main_process:
+        from mpnet_dist.fill_mask import print_demo
+
+        print_demo(loop.cfg, loop.run_dir / "final")
     return 0
 
 
@@ -323,8 +332,8 @@ def _log_train(loop: Loop) -> None:
     loop.window = LogWindow()
 
 
-def _evaluate(loop: Loop, split: str) -> dict[str, float] | None:
-    """Evaluate on `split` ("valid" or "test") and record it; None when there is no such data."""
+def _evaluate(loop: Loop, split: str, extra: dict[str, float] | None = None) -> dict[str, float] | None:
+    """Evaluate on `split` ("valid" or "test") and record it with `extra`; None when there is no such data."""
     result = evaluate(loop.accelerator, loop.model, getattr(loop.data, split))
     if result is None:
         return None
@@ -333,6 +342,7 @@ def _evaluate(loop: Loop, split: str) -> dict[str, float] | None:
         "split": split,
         "loss": result["loss"],
         "acc": result["acc"],
+        **(extra or {}),
         "loss_bits": result["loss"] / math.log(2),
         "eval_pred_tokens": result["pred_tokens"],  # predicted tokens in this evaluation
         "tokens": loop.tokens,  # as in train rows: trained on so far
@@ -340,13 +350,15 @@ def _evaluate(loop: Loop, split: str) -> dict[str, float] | None:
         "elapsed_s": loop.elapsed_s,
     }
     loop.writer.write(record)
+    baseline = f" | unigram baseline {record['unigram_loss']:.4f}" if "unigram_loss" in record else ""
     logger.info(
-        "%s step %d | loss %.4f (%.4f bits) | acc %.3f",
+        "%s step %d | loss %.4f (%.4f bits) | acc %.3f%s",
         split,
         loop.step,
         result["loss"],
         record["loss_bits"],
         result["acc"],
+        baseline,
     )
     return result
 

@@ -126,7 +126,7 @@ def tiny_args(corpus, run_dir: Path, *extra: str) -> list[str]:
         "--max-tokens", "32", "--encoder-layers", "2", "--encoder-embed-dim", "32", "--encoder-ffn-dim", "64",
         "--encoder-attention-heads", "4", "--batch-size", "4", "--update-freq", "2", "--total-updates", "6",
         "--warmup-updates", "2", "--lr", "0.003", "--logging-steps", "1", "--eval-interval-steps", "3",
-        "--dropout", "0.1", "--seed", "7", *extra,
+        "--dropout", "0.1", "--seed", "7", "--no-plot-curves", *extra,
     ]  # fmt: skip
 
 
@@ -305,3 +305,15 @@ def assert_loads_and_matches(folder: Path, checkpoint: Path | MPNetForPretrainin
     worst = diff[mask.bool()].max().item()
     assert worst < 1e-4, worst
     return worst
+
+
+def assert_png_has_a_picture(path: Path) -> None:
+    """A real picture: big enough, some ink, some colour (the curves), mostly white background."""
+    from matplotlib.image import imread
+
+    pixels = imread(str(path))[..., :3]  # [H, W, 3] floats in [0, 1]
+    assert pixels.shape[0] > 300 and pixels.shape[1] > 600
+    inked = (pixels < 0.9).any(axis=-1).mean()  # share of pixels that are not (near) white
+    coloured = (np.ptp(pixels, axis=-1) > 0.2).mean()  # share of clearly coloured pixels
+    assert 0.01 < inked < 0.6, inked
+    assert coloured > 0.001, coloured

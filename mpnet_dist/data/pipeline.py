@@ -2,6 +2,7 @@
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from mpnet_dist.data.sources import check_file, list_train_files, open_stream, t
 from mpnet_dist.data.stream import StreamPlan, StreamReader
 from mpnet_dist.data.stream_loader import StreamBatches, default_streams
 from mpnet_dist.data.tokenizer import Encoder, fingerprint, special_ids, validate_tokenizer
+from mpnet_dist.data.unigram import STREAM_DOCS, count_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ class Data:
     test: EvalBatches | None
     spec: Any  # the MaskingSpec every batch was built with
     source_info: str
+    # -> (training token counts [V], counts already global on every rank?, what was counted); unigram.py
+    token_counts: Callable[[], tuple[Any, bool, str]] | None = None
 
 
 def masking_spec(cfg: Any, tokenizer: Any) -> Any:
@@ -97,7 +101,11 @@ def _file_data(cfg, tokenizer, spec, ranks: tuple[int, int], files: tuple[Any, A
         f"{len(train_files)} file(s) in {train_dir}: {blocks.meta['n_docs']} documents, {blocks.n_tokens} tokens, "
         f"{blocks.n_rows} rows of <= {cfg.max_tokens} tokens ({mode}); cache {blocks.path}"
     )
-    return Data(train, evals.get("valid"), evals.get("test"), spec, info)
+
+    def counts() -> tuple[Any, bool, str]:
+        return count_tokens(blocks.tokens, len(tokenizer)), True, f"{blocks.n_tokens:,} training tokens"
+
+    return Data(train, evals.get("valid"), evals.get("test"), spec, info, counts)
 
 
 def _check_train_size(blocks: Blocks, batch_size: int, world_size: int, what: str) -> None:
@@ -172,7 +180,16 @@ def _stream_data(cfg, tokenizer, spec, rank, world_size) -> Data:
         f"{len(test_docs)} test documents taken before shuffling; shuffle chunks of {max(1, cfg.buffer_size)} "
         "documents per stream"
     )
-    return Data(train, evals.get("valid"), evals.get("test"), spec, info)
+
+    def counts() -> tuple[Any, bool, str]:
+        # About STREAM_DOCS documents per rank, the first of each of its logical streams in equal parts.
+        per_stream = max(1, STREAM_DOCS // len(train.local))
+        docs = [doc for s in train.local for doc in train.readers[s].first_documents(per_stream)]
+        ids, _, _ = encoder.encode(docs)
+        what = f"the first {per_stream} training documents of each of {n_streams} logical stream(s)"
+        return count_tokens(ids, len(tokenizer)), False, what
+
+    return Data(train, evals.get("valid"), evals.get("test"), spec, info, counts)
 
 
 def _source_id(cfg: Any, name: str) -> str:

@@ -67,6 +67,10 @@ class StreamReader:
         order = permute(np.arange(len(mine)), len(mine), mix_key(plan.seed, _SHARD_TAG, pass_, self.stream))
         return [mine[i] for i in order]
 
+    def first_documents(self, n: int) -> list[str]:
+        """The first n training documents this reader trains on (pass 0, before shuffling within chunks)."""
+        return [text for _, _, text in islice(self._docs(0, 0, 0), n)]
+
     def _docs(self, pass_: int, cursor: int, index: int) -> Iterator[tuple[int, int, str]]:
         """(cursor, index, text) of this reader's training documents from shard-list position `cursor`."""
         plan, end = self.plan, self.plan.eval_end

@@ -5,6 +5,7 @@ reference.py  the same from the reference trainer's (annotated-mpnet) .pt files
 live.py       the end-of-training export: all ranks gather the live weights, rank 0 writes
 tokenizer.py  the tokenizer saved with the model, checked against it
 folder.py     the HF folder writer: temporary folder, self-check, then renamed into place
+sentence_transformers.py  modules.json & co., so sentence-transformers loads the folder (mean pooling)
 check.py      the self-check: reload with transformers, compare config, MLM logits and tokenizer
 offline.py    export_checkpoint: checkpoint -> weights -> folder (CPU only)
 cli.py        `mpnet-dist export` and `convert-to-hf`

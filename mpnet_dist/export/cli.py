@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
         "--tokenizer-name", help="tokenizer to save (default: the one the run was trained with)"
     )
     parser.add_argument("--debug", action="store_true", help="full tracebacks for user errors")
+    parser.add_argument(
+        "--no-sentence-transformers",
+        action="store_true",
+        help="skip modules.json, sentence_bert_config.json and 1_Pooling/ (written by default so that "
+        "SentenceTransformer(OUT_DIR) loads the model with mean pooling; they need the saved tokenizer)",
+    )
     return parser
 
 
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             save_tokenizer=not args.no_save_tokenizer,
             trust=args.trust_checkpoint,
             tokenizer_name=args.tokenizer_name,
+            sentence_transformers=not args.no_sentence_transformers,
         )
 
     return run_command("mpnet-dist export", export, argv)

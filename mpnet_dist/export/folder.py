@@ -19,6 +19,7 @@ import torch
 
 from mpnet_dist.export.check import verify_export
 from mpnet_dist.export.errors import ExportError, ExportVerificationError
+from mpnet_dist.export.sentence_transformers import write_sentence_transformers_files
 from mpnet_dist.export.tokenizer import special_token_ids
 from mpnet_dist.export.weights import load_complete_state_dict
 from mpnet_dist.model import HFExportError, MPNetConfig, MPNetForPretraining, export_problems, to_hf
@@ -61,8 +62,13 @@ def export_model(
     save_tokenizer: bool = True,
     source: str = "",
     step: int | None = None,
+    sentence_transformers: bool = True,
 ) -> ExportReport:
-    """Write `model` (CPU, fp32) as a verified HF folder at out_dir. tokenizer: None only if not saving it."""
+    """Write `model` (CPU, fp32) as a verified HF folder at out_dir. tokenizer: None only if not saving it.
+
+    sentence_transformers: also the files that let `SentenceTransformer(out_dir)` load it (mean pooling);
+    they need the tokenizer in the folder, so they are skipped without it.
+    """
     config = model.config
     check_exportable(config)
     if dtype not in DTYPES:
@@ -82,6 +88,9 @@ def export_model(
             tokenizer.model_max_length = config.max_positions  # as the reference converter does
             tokenizer.save_pretrained(tmp)
         what = "weights, config and tokenizer" if save_tokenizer else "weights and config"
+        if sentence_transformers and save_tokenizer:
+            write_sentence_transformers_files(tmp, config.encoder_embed_dim, config.max_positions)
+            what += " (+ sentence-transformers modules)"
         logger.info("wrote %s %s to %s; verifying", dtype, what, tmp)
         reference = MPNetForPretraining(MPNetConfig.from_dict(config.to_dict()))
         load_complete_state_dict(reference, {k: v.float() for k, v in exported.items()}, source="export")

@@ -25,6 +25,7 @@ def export_checkpoint(
     save_tokenizer: bool = True,
     trust: bool = False,
     tokenizer_name: str | None = None,
+    sentence_transformers: bool = True,
 ) -> ExportReport:
     """Offline export (CPU only) of a checkpoint folder, a run directory (its final or newest checkpoint),
     or a `.pt` file written by the reference trainer, annotated-mpnet."""
@@ -50,5 +51,5 @@ def export_checkpoint(
         model, _ = load_checkpoint_model(path, trust=trust)
     return export_model(
         model, out_dir, tokenizer, dtype=dtype, save_tokenizer=save_tokenizer, source=str(path),
-        step=train_state.step,
+        step=train_state.step, sentence_transformers=sentence_transformers,
     )  # fmt: skip
