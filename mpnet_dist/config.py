@@ -47,7 +47,12 @@ class TrainConfig:
     relative_attention_max_distance: int | None = _opt(
         None, "Relative-position max distance (default 128; HF MPNet only supports 128)."
     )
-    attn_impl: str = _opt("sdpa", "Attention implementation.", choices=("sdpa", "eager"))
+    attn_impl: str = _opt(
+        "sdpa",
+        "Attention implementation: sdpa, eager, or flex (FlexAttention; needs --attention-dropout 0, trains "
+        "fused on CUDA only).",
+        choices=("sdpa", "eager", "flex"),
+    )
     # --- tokenizer and data ---
     tokenizer_name: str = _opt(
         "microsoft/mpnet-base",
@@ -199,6 +204,11 @@ class TrainConfig:
         files = [self.train_dir, self.valid_file, self.test_file]
         if any(files) and not all(files):
             problems.append("--train-dir, --valid-file and --test-file must be given together")
+        if self.attn_impl == "flex" and self.attention_dropout > 0:
+            problems.append(
+                f"{flag('attn_impl')} flex has no attention dropout: add {flag('attention_dropout')} 0 "
+                f"(got {self.attention_dropout}), or keep {flag('attn_impl')} sdpa"
+            )
         if self.resume_checkpoint and not self.resume:
             self.resume = True  # naming a checkpoint is an unambiguous request to resume
         if self.hf_model_path and self.resume:

@@ -32,7 +32,7 @@ from mpnet_dist.distributed import build_accelerator, describe, zero_stage
 from mpnet_dist.metrics import MetricsWriter, console_line, read_metrics, setup_logging
 from mpnet_dist.model_setup import build_model
 from mpnet_dist.optim import build_optimizer, lr_at
-from mpnet_dist.step import NonFiniteLossError, evaluate, train_step
+from mpnet_dist.step import NonFiniteLossError, StepSettings, evaluate, train_step
 from mpnet_dist.stopping import PREEMPT_FILE, PREEMPTED_MARKER, StopSignal, stop_with_launcher
 
 logger = logging.getLogger("mpnet_dist")
@@ -214,7 +214,9 @@ def _run_steps(cfg, accelerator, model, optimizer, data, state, writer, run_dir,
         micro_batches = [next(data.train) for _ in range(cfg.update_freq)]
         window.data_wait += time.perf_counter() - started
         lr = lr_at(state.step + 1, cfg.lr, warmup, cfg.total_updates, cfg.end_learning_rate, cfg.power)
-        result = train_step(accelerator, model, optimizer, micro_batches, lr, cfg.clip_grad_norm, stop.poll())
+        logs = (state.step + 1) % cfg.logging_steps == 0 or state.step + 1 == cfg.total_updates
+        settings = StepSettings(lr, cfg.clip_grad_norm, stop_vote=stop.poll(), read_grad_norm=logs)
+        result = train_step(accelerator, model, optimizer, micro_batches, settings)
         if result.skipped:
             nonfinite_run += 1
             logger.warning(

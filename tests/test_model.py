@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mpnet_dist.model import MPNetConfig, MPNetForPretraining
-from mpnet_dist.model.attention import SDPAKernel, two_stream_mask
+from mpnet_dist.model.attention import build_float_mask
+from mpnet_dist.model.layout import two_stream_mask
 
 PAD = 1
 TOKENIZER_VOCAB = 100  # ids drawn below this; the model's vocab is padded to 128
@@ -301,7 +302,7 @@ def test_sdpa_mask_rows_are_aligned():
     # SDPA's memory-efficient CUDA kernel re-pads (copies) an unaligned mask on every layer.
     table = torch.nn.Embedding(32, 4)
     buckets = torch.randint(0, 32, (2, 13, 9))
-    mask = SDPAKernel().prepare(table, buckets, torch.zeros(1, 13, 9, dtype=torch.bool))
+    mask = build_float_mask(table, buckets, torch.zeros(1, 13, 9, dtype=torch.bool), row_multiple=16)
     assert mask.shape == (2, 4, 13, 9)
     assert mask.stride(-1) == 1 and all(stride % 16 == 0 for stride in mask.stride()[:-1])
     torch.testing.assert_close(mask, table(buckets).permute(0, 3, 1, 2), atol=0, rtol=0)
