@@ -82,6 +82,11 @@ class TrainConfig:
     whole_word_mask: bool = _opt(True, "Permute whole words (uses the fast tokenizer's word ids).")
     data_cache_dir: str | None = _opt(None, "Where tokenized block caches go (default ~/.cache/mpnet_dist).")
     num_workers: int = _opt(0, "DataLoader worker processes per rank.")
+    prefetch_steps: int = _opt(
+        1,
+        "Optimizer steps of micro-batches built ahead in a background thread (on CUDA also pinned and copied "
+        "to the GPU) while the current step runs; 0: build them in the step.",
+    )
     # --- optimization ---
     total_updates: int = _opt(10000, "Optimizer steps to train.")
     warmup_updates: int | None = _opt(
@@ -101,7 +106,16 @@ class TrainConfig:
         None, "no, bf16 or fp16 (default: bf16 on CUDA, no on CPU).", choices=("no", "bf16", "fp16")
     )
     gradient_checkpointing: bool = _opt(False, "Recompute layer activations in backward to save memory.")
-    compile: bool = _opt(False, "torch.compile the model.")
+    compile: bool = _opt(
+        False,
+        "torch.compile the whole model (forward and backward); the first step includes the compile time.",
+    )
+    compile_backend: str = _opt(
+        "inductor",
+        "torch.compile backend for --compile: inductor (generates fused kernels), or aot_eager / eager to tell "
+        "a compiler problem from a model one (graphs captured, no code generated).",
+        choices=("inductor", "aot_eager", "eager"),
+    )
     seed: int = _opt(12345, "Random seed (model init, data order, masks).")
     # --- evaluation, checkpoints, logging ---
     eval_interval_steps: int | None = _opt(
@@ -192,6 +206,7 @@ class TrainConfig:
             "total_updates",
             "eval_samples",
             "num_workers",
+            "prefetch_steps",
             "min_text_length",
             "max_nonfinite_skips",
         ):

@@ -27,6 +27,7 @@ from mpnet_dist.checkpoint import (
     save_checkpoint,
     step_name,
 )
+from mpnet_dist.compilation import compile_model, log_compile_time
 from mpnet_dist.config import ConfigError, TrainConfig, dump_yaml, parse_config
 from mpnet_dist.distributed import build_accelerator, describe, zero_stage
 from mpnet_dist.metrics import MetricsWriter, console_line, read_metrics, setup_logging
@@ -127,7 +128,7 @@ def run(cfg: TrainConfig) -> int:
     data = build_data(cfg, tokenizer, accelerator.process_index, accelerator.num_processes)
     logger.info("data: %s", getattr(data, "source_info", "ready"))
     if cfg.compile:
-        model.compile()
+        compile_model(model, accelerator.device, cfg.compile_backend)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state = _restore(accelerator, data, resume_from, cfg.trust_checkpoint) if resume_from else TrainState()
@@ -182,11 +183,17 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
 
 
 def _train_loop(cfg, accelerator, model, optimizer, data, state, writer, run_dir, resume_from) -> int:
+    from mpnet_dist.data.prefetch import Prefetcher
+
     stop = StopSignal(run_dir)
+    if cfg.prefetch_steps:  # after the restore: it reads the source's state as its starting point
+        data.train = Prefetcher(data.train, cfg.prefetch_steps * cfg.update_freq, accelerator.device)
     try:
         return _run_steps(cfg, accelerator, model, optimizer, data, state, writer, run_dir, resume_from, stop)
     finally:
         stop.close()
+        if isinstance(data.train, Prefetcher):
+            data.train.close()
 
 
 def _run_steps(cfg, accelerator, model, optimizer, data, state, writer, run_dir, resume_from, stop) -> int:
@@ -202,7 +209,7 @@ def _run_steps(cfg, accelerator, model, optimizer, data, state, writer, run_dir,
         leave=False,
     )
     window = _Window()
-    nonfinite_run = 0
+    nonfinite_run, first_step = 0, True
     if state.step == 0 and cfg.total_updates > 0:
         # The untrained model's validation loss: the baseline every later evaluation is read against.
         result = evaluate(accelerator, model, data.valid)
@@ -232,6 +239,9 @@ def _run_steps(cfg, accelerator, model, optimizer, data, state, writer, run_dir,
             nonfinite_run = 0
         state.step += 1
         seconds = time.perf_counter() - started
+        if cfg.compile and first_step:  # this process compiled during this step
+            log_compile_time(seconds)
+        first_step = False
         state.tokens += result.n_tokens_global
         state.pred_tokens += result.n_pred_global
         state.elapsed_s += seconds

@@ -42,9 +42,9 @@ def micro_batches(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def prepared(update_freq: int):
+def prepared(update_freq: int, cpu: bool = True):
     reset_accelerate()
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=update_freq)
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=update_freq)
     model = tiny_model().train()
     optimizer = build_optimizer(model, parse_config(["--lr", "0.01", "--total-updates", "10"]))
     model, optimizer = accelerator.prepare(model, optimizer)
