@@ -5,10 +5,11 @@ distance table and adds the table's weight for that bucket and head; the two-str
 padding are a mask_mod turned into a block mask once per forward. Attention dropout does not exist in
 FlexAttention: the model config refuses flex with attention_dropout > 0.
 
-Where it runs fused: CUDA (training and inference) and CPU inference, through torch.compile. PyTorch 2.13
-has no FlexAttention backward on CPU, so CPU training goes through the same score/mask functions in
-PyTorch's reference implementation of the flex_attention operator, which materializes the scores: correct
-(the tests compare it with SDPA, gradients included) but not fast.
+It runs fused on CUDA (through torch.compile, with or without --compile). On CPU it always runs the same
+score and mask functions through PyTorch's reference implementation of the flex_attention operator, which
+materializes the scores: correct (the tests compare it with SDPA, gradients included) but not fast. PyTorch
+2.13 has no FlexAttention backward on CPU, and its fused CPU inference kernel measured 2.7x slower than
+SDPA (BENCHMARKS.md, "Attention implementations"), besides a compile for every new shape.
 """
 
 from __future__ import annotations
@@ -63,8 +64,7 @@ class FlexKernel:
         if dropout_p > 0:
             raise ValueError("attn_impl 'flex' has no attention dropout: set attention_dropout to 0")
         bias = _bias_score(prepared)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prepared.weight))
-        if q.device.type == "cpu" and needs_grad:
+        if q.device.type == "cpu":
             return _reference_attend(q, k, v, bias, prepared)
         attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
         return attend(q, k, v, score_mod=lambda s, b, h, qi, kv: bias(s, b, h, qi, kv, prepared.weight),
@@ -115,7 +115,7 @@ def _compiled_flex_attention() -> Callable[..., Tensor]:
     return torch.compile(flex_attention, dynamic=False)
 
 
-@torch.compiler.disable  # the operator's reference implementation, never traced (CPU training only)
+@torch.compiler.disable  # the operator's reference implementation, never traced (CPU only)
 def _reference_attend(
     q: Tensor, k: Tensor, v: Tensor, bias: Callable[..., Tensor], prepared: FlexPrepared
 ) -> Tensor:
