@@ -27,7 +27,7 @@ from mpnet_dist.checkpoint import (
     save_checkpoint,
     step_name,
 )
-from mpnet_dist.compilation import compile_model, log_compile_time
+from mpnet_dist.compilation import check_compile_supported, compile_model, log_compile_time
 from mpnet_dist.config import ConfigError, TrainConfig, dump_yaml, parse_config
 from mpnet_dist.distributed import build_accelerator, describe, zero_stage
 from mpnet_dist.metrics import MetricsWriter, console_line, read_metrics, setup_logging
@@ -128,6 +128,7 @@ def run(cfg: TrainConfig) -> int:
     data = build_data(cfg, tokenizer, accelerator.process_index, accelerator.num_processes)
     logger.info("data: %s", getattr(data, "source_info", "ready"))
     if cfg.compile:
+        check_compile_supported(zero_stage(accelerator))
         compile_model(model, accelerator.device, cfg.compile_backend)
     model, optimizer = accelerator.prepare(model, optimizer)
 

@@ -19,7 +19,7 @@ from functorch.compile import make_boxed_func
 from safetensors.torch import load_file
 from torch._dynamo.backends.common import aot_autograd
 
-from mpnet_dist.compilation import compile_model
+from mpnet_dist.compilation import check_compile_supported, compile_model
 from mpnet_dist.loss import prediction_loss
 from tests import corpus
 from tests.test_distributed import CONFIGS, NO_DROPOUT, finish_all, start
@@ -121,3 +121,9 @@ def test_compiled_checkpoint_and_export_have_plain_keys(compiled_runs, caplog):
         assert state_dict and not [k for k in state_dict if "_orig_mod" in k]
     eager = load_file(str(runs["eager"] / "final" / "model.safetensors"))
     assert eager.keys() == load_file(str(runs["single"] / "final" / "model.safetensors")).keys()
+
+
+def test_compile_with_zero3_is_refused_with_the_way_forward():
+    check_compile_supported(2)
+    with pytest.raises(ValueError, match="deepspeed_zero2.yaml"):
+        check_compile_supported(3)
