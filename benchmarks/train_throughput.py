@@ -44,6 +44,7 @@ from accelerate import Accelerator
 from benchmarks import step_flops
 from mpnet_dist.compilation import compile_model
 from mpnet_dist.data.batch import MaskingSpec, count_predictions, make_mpnet_batch
+from mpnet_dist.host_memory import keep_freed_memory
 
 LR, CLIP, POOL = 1e-4, 1.0, 4  # POOL distinct batches cycled, so no step sees a cached input
 
@@ -80,6 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory children")
     p.add_argument("--profile", type=int, default=0, help="profile N steps of each variant, then exit")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of +compile variants")
+    p.add_argument(
+        "--host-allocator",
+        choices=("default", "kept"),
+        default="default",
+        help="kept: mpnet_dist.host_memory.keep_freed_memory() first, as the trainer does on CPU (process-wide: "
+        "it applies to every variant of the run; compare two runs)",
+    )
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -270,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.host_allocator == "kept" and not keep_freed_memory():
+        raise SystemExit("--host-allocator kept needs glibc")
     if args.memory_child:
         memory_child(args)
         return

@@ -30,6 +30,7 @@ from mpnet_dist.checkpoint import (
 from mpnet_dist.compilation import check_compile_supported, compile_model, log_compile_time
 from mpnet_dist.config import ConfigError, TrainConfig, dump_yaml, parse_config
 from mpnet_dist.distributed import build_accelerator, describe, zero_stage
+from mpnet_dist.host_memory import keep_freed_memory
 from mpnet_dist.metrics import MetricsWriter, console_line, read_metrics, setup_logging
 from mpnet_dist.model_setup import build_model
 from mpnet_dist.optim import build_optimizer, lr_at
@@ -103,6 +104,8 @@ def run(cfg: TrainConfig) -> int:
     stop_with_launcher()
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.is_main_process, cfg.debug)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()
     run_dir = Path(cfg.checkpoint_dir)
     resume_from = resolve_resume(cfg, run_dir)
     if cfg.resume and resume_from is None:
