@@ -9,7 +9,7 @@ import sys
 COMMANDS = {
     "train": ("mpnet_dist.train", "main", "pretrain MPNet (same flags as annotated-mpnet's pretrain-mpnet)"),
     "export": (
-        "mpnet_dist.export",
+        "mpnet_dist.export.cli",
         "main",
         "write a verified Hugging Face MPNetForMaskedLM folder from a checkpoint",
     ),

@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mpnet_dist.data.cache import CACHE_ENV, DEFAULT_CACHE_DIR
 
 
 class ConfigError(ValueError):
@@ -80,7 +84,9 @@ class TrainConfig:
     rand_prob: float = _opt(0.10, "Fraction of predicted tokens replaced by a random token.")
     keep_prob: float = _opt(0.10, "Fraction of predicted tokens left unchanged.")
     whole_word_mask: bool = _opt(True, "Permute whole words (uses the fast tokenizer's word ids).")
-    data_cache_dir: str | None = _opt(None, "Where tokenized block caches go (default ~/.cache/mpnet_dist).")
+    data_cache_dir: str | None = _opt(
+        None, f"Where tokenized block caches go (default ${CACHE_ENV}, else {DEFAULT_CACHE_DIR})."
+    )
     num_workers: int = _opt(0, "DataLoader worker processes per rank.")
     prefetch_steps: int = _opt(
         1,
@@ -144,13 +150,39 @@ class TrainConfig:
     wandb_name: str | None = _opt(None, "W&B run name.")
     wandb_id: str | None = _opt(None, "W&B run id (resume='allow').")
     wandb_watch: bool = _opt(False, "wandb.watch the model (gradients every 100 steps).")
+    dist_timeout_s: int | None = _opt(
+        None,
+        "Timeout of every collective, in seconds (default $MPNET_DIST_TIMEOUT_S, else 1800); it must exceed the "
+        "longest legitimate wait, e.g. rank 0 writing a checkpoint or verifying the export while the others wait.",
+    )
+    deepspeed_overrides: str | None = _opt(
+        None,
+        "JSON object merged into the DeepSpeed config before prepare(), for knobs the Accelerate YAML cannot "
+        'express, e.g. \'{"zero_optimization": {"stage3_param_persistence_threshold": 0}}\' '
+        "(default $MPNET_DIST_DEEPSPEED_OVERRIDES).",
+    )
     max_nonfinite_skips: int = _opt(
         0, "Consecutive steps with a NaN/Inf loss to skip before stopping (0: stop at the first)."
     )
     debug: bool = _opt(False, "Verbose (debug-level) logging.")
 
     def __post_init__(self) -> None:
+        self._fill_from_environment()
         self.validate()
+
+    def _fill_from_environment(self) -> None:
+        """Settings also read from environment variables: unset here -> the variable -> the default.
+
+        Resolved now, so the config saved with the run (config.yaml, train_state.json) holds the value used.
+        """
+        for name, (variable, default) in ENV_DEFAULTS.items():
+            if getattr(self, name) is not None:
+                continue
+            raw = os.environ.get(variable)
+            try:
+                setattr(self, name, _parse_value(name, raw) if raw else default)
+            except ConfigError as err:
+                raise ConfigError(f"${variable} (sets {flag(name)}): {err}") from None
 
     # Derived values are methods, not fields, so a saved config never carries stale copies.
     def resolved_max_positions(self) -> int:
@@ -163,11 +195,6 @@ class TrainConfig:
         if self.eval_interval_steps is None:
             return self.checkpoint_interval if self.checkpoint_interval > 0 else 5000
         return self.eval_interval_steps if self.eval_interval_steps > 0 else self.total_updates
-
-    def resolved_dataset_name(self) -> str | None:
-        if self.train_dir:
-            return None
-        return self.dataset_name or "HuggingFaceFW/fineweb-edu"
 
     def validate(self) -> None:
         problems = []
@@ -212,6 +239,7 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{flag(name)} must be >= 0 (got {getattr(self, name)})")
+        problems += self._distributed_problems()
         if self.keep_checkpoints < -1:
             problems.append(f"{flag('keep_checkpoints')} must be -1 (keep all) or >= 0")
         if self.clip_grad_norm < 0 or not math.isfinite(self.lr) or self.lr <= 0:
@@ -234,11 +262,38 @@ class TrainConfig:
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
+    def _distributed_problems(self) -> list[str]:
+        problems = []
+        if self.dist_timeout_s < 1:
+            problems.append(f"{flag('dist_timeout_s')} must be >= 1 (got {self.dist_timeout_s})")
+        if self.deepspeed_overrides is not None and not isinstance(
+            _json_object(self.deepspeed_overrides), dict
+        ):
+            problems.append(
+                f"{flag('deepspeed_overrides')} (or ${ENV_DEFAULTS['deepspeed_overrides'][0]}) must be a JSON object "
+                f'such as \'{{"zero_optimization": {{"stage3_param_persistence_threshold": 0}}}}\', got '
+                f"{self.deepspeed_overrides!r}"
+            )
+        return problems
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+# field -> (environment variable that sets it when neither the command line nor the recipe does, default)
+ENV_DEFAULTS: dict[str, tuple[str, Any]] = {
+    "data_cache_dir": (CACHE_ENV, DEFAULT_CACHE_DIR),
+    "dist_timeout_s": ("MPNET_DIST_TIMEOUT_S", 1800),
+    "deepspeed_overrides": ("MPNET_DIST_DEEPSPEED_OVERRIDES", None),
+}
+
+
+def _json_object(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 def flag(name: str) -> str:

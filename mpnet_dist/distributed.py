@@ -23,9 +23,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 _LAUNCH_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
-# JSON merged into the DeepSpeed config before prepare(), for knobs the Accelerate YAML cannot express
-# (e.g. {"zero_optimization": {"stage3_param_persistence_threshold": 0}}) without writing a full JSON config.
-DS_OVERRIDES_ENV = "MPNET_DIST_DEEPSPEED_OVERRIDES"
 
 
 def launched_distributed() -> bool:
@@ -56,9 +53,10 @@ def resolve_mixed_precision(flag: str | None) -> str:
     return launcher if launcher in ("bf16", "fp16") else default_mixed_precision()
 
 
-def build_accelerator(cfg: Any, timeout_s: int | None = None) -> Accelerator:
-    """Accelerator for this launch. `cfg` supplies update_freq, clip_grad_norm, batch_size and mixed_precision."""
-    timeout = timedelta(seconds=timeout_s or int(os.environ.get("MPNET_DIST_TIMEOUT_S", "1800")))
+def build_accelerator(cfg: Any) -> Accelerator:
+    """Accelerator for this launch. `cfg` (a TrainConfig) supplies update_freq, clip_grad_norm, batch_size,
+    mixed_precision, dist_timeout_s and deepspeed_overrides."""
+    timeout = timedelta(seconds=cfg.dist_timeout_s)
     kwargs: dict[str, Any] = {"gradient_accumulation_steps": cfg.update_freq}
     handlers = [InitProcessGroupKwargs(timeout=timeout)]
     cuda = torch.cuda.is_available()
@@ -91,15 +89,8 @@ def build_accelerator(cfg: Any, timeout_s: int | None = None) -> Accelerator:
 
 def _align_deepspeed_config(accelerator: Accelerator, cfg: Any) -> None:
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    overrides = os.environ.get(DS_OVERRIDES_ENV)
-    if overrides:
-        try:
-            _deep_merge(ds, json.loads(overrides))
-        except (json.JSONDecodeError, TypeError) as err:
-            raise ValueError(
-                f"{DS_OVERRIDES_ENV} must be a JSON object such as "
-                f'\'{{"zero_optimization": {{"stage3_param_persistence_threshold": 0}}}}\': {err}'
-            ) from err
+    if cfg.deepspeed_overrides:
+        _deep_merge(ds, json.loads(cfg.deepspeed_overrides))  # a JSON object: TrainConfig checked it
     ds["gradient_accumulation_steps"] = cfg.update_freq
     ds["gradient_clipping"] = cfg.clip_grad_norm
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
@@ -114,8 +105,6 @@ def _align_deepspeed_config(accelerator: Accelerator, cfg: Any) -> None:
 
 
 def _deep_merge(base: dict, extra: dict) -> None:
-    if not isinstance(extra, dict):
-        raise TypeError(f"expected a JSON object, got {type(extra).__name__}")
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             _deep_merge(base[key], value)

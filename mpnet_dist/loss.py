@@ -6,10 +6,8 @@ from typing import Any
 
 import torch
 
+# IGNORE_INDEX: the target of slots that predict nothing (padding in one-document-per-row mode).
 from mpnet_dist.data.batch import IGNORE_INDEX
-
-# Target of slots that predict nothing (padding in one-document-per-row mode), as the batch builder writes it.
-IGNORE = IGNORE_INDEX
 
 
 def prediction_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,12 +20,12 @@ def prediction_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     flat_targets = targets.reshape(-1)
     loss_sum = _SummedCrossEntropy.apply(flat, flat_targets)
     with torch.no_grad():
-        correct = ((flat.argmax(dim=-1) == flat_targets) & (flat_targets != IGNORE)).sum()
+        correct = ((flat.argmax(dim=-1) == flat_targets) & (flat_targets != IGNORE_INDEX)).sum()
     return loss_sum, correct
 
 
 class _SummedCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum"), with a leaner backward.
+    """F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"), with a leaner backward.
 
     The [N, V] tensors dominate the loss: autograd's path fills a zero [N, V] gradient for nll_loss and then
     runs log_softmax's backward into another one. Here backward turns the saved fp32 log-probabilities into
@@ -37,7 +35,7 @@ class _SummedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # [N, V] fp32
-        valid = targets != IGNORE
+        valid = targets != IGNORE_INDEX
         index = torch.where(valid, targets, 0)[:, None]  # [N, 1]; ignored rows read class 0, then drop it
         picked = log_probs.gather(1, index).squeeze(1)  # [N]
         ctx.save_for_backward(log_probs, index, valid)

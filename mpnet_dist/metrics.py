@@ -44,6 +44,27 @@ def console_line(m: dict[str, Any], total_steps: int) -> str:
     )
 
 
+class LogWindow:
+    """Sums over the steps since the last log line (loss sums stay on device until then)."""
+
+    def __init__(self):
+        self.loss = self.correct = None
+        self.n_pred = self.n_tokens = self.steps = 0
+        self.seconds = self.data_wait = 0.0
+        self.lr, self.grad_norm = 0.0, None
+
+    def add(self, result: Any, lr: float, seconds: float) -> None:
+        self.loss = result.loss_sum if self.loss is None else self.loss + result.loss_sum
+        self.correct = result.correct if self.correct is None else self.correct + result.correct
+        self.n_pred += result.n_pred_global
+        self.n_tokens += result.n_tokens_global
+        self.steps += 1
+        self.seconds += seconds
+        self.lr = lr
+        if result.grad_norm is not None:
+            self.grad_norm = result.grad_norm
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step or evaluation to metrics.jsonl, mirrors to trackers."""
 

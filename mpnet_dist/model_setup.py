@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
+from mpnet_dist.checkpoint import TrainState
 from mpnet_dist.model import MPNetConfig, MPNetForPretraining, from_hf
 
 logger = logging.getLogger("mpnet_dist")
@@ -34,10 +35,10 @@ def model_config_from_flags(cfg, tokenizer) -> MPNetConfig:
     )
 
 
-def build_model(cfg, tokenizer, saved_train_state: dict | None) -> MPNetForPretraining:
+def build_model(cfg, tokenizer, saved_train_state: TrainState | None) -> MPNetForPretraining:
     """A checkpoint's architecture wins over the flags (as in the reference); runtime knobs come from the flags."""
     if saved_train_state is not None:
-        model_cfg = MPNetConfig.from_dict(saved_train_state["model_config"])
+        model_cfg = MPNetConfig.from_dict(saved_train_state.model_config)
         flags_cfg = model_config_from_flags(cfg, tokenizer)
         differing = [
             k

@@ -63,12 +63,14 @@ def local_counts(
     Computed on the device from the batches there: no host round trip.
     """
     n_pred = sum((b["targets"] != IGNORE_INDEX).sum() for b in batches)
-    n_tokens = sum(_input_tokens(b) for b in batches)
+    n_tokens = sum(count_input_tokens(b) for b in batches)
     stop = torch.full((), float(stop_vote), dtype=torch.float64, device=device)
     return torch.stack([n_pred.double(), n_tokens.double(), stop])
 
 
-def _input_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def count_input_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Non-padding tokens of the original (unpermuted) rows, specials included: a 0-dim tensor on the batch's
+    device (no host read)."""
     p = batch["targets"].shape[1]
     rows, total = batch["input_ids"].shape
     length = total - 2 * p

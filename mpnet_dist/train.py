@@ -13,13 +13,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate.utils import set_seed
 
 from mpnet_dist import __version__
 from mpnet_dist.checkpoint import (
+    TRAIN_STATE_FILE,
     CheckpointError,
+    TrainState,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -29,36 +32,17 @@ from mpnet_dist.checkpoint import (
 )
 from mpnet_dist.compilation import check_compile_supported, compile_model, log_compile_time
 from mpnet_dist.config import ConfigError, TrainConfig, dump_yaml, parse_config
+from mpnet_dist.data.pipeline import Data
+from mpnet_dist.data.prefetch import Prefetcher
 from mpnet_dist.distributed import build_accelerator, describe, zero_stage
 from mpnet_dist.host_memory import keep_freed_memory
-from mpnet_dist.metrics import MetricsWriter, console_line, read_metrics, setup_logging
+from mpnet_dist.metrics import LogWindow, MetricsWriter, console_line, read_metrics, setup_logging
 from mpnet_dist.model_setup import build_model
 from mpnet_dist.optim import build_optimizer, lr_at
-from mpnet_dist.step import NonFiniteLossError, StepSettings, evaluate, train_step
+from mpnet_dist.step import NonFiniteLossError, StepResult, StepSettings, evaluate, train_step
 from mpnet_dist.stopping import PREEMPT_FILE, PREEMPTED_MARKER, StopSignal, stop_with_launcher
 
 logger = logging.getLogger("mpnet_dist")
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    tokens: int = 0  # non-padding input tokens, all ranks
-    pred_tokens: int = 0  # predicted tokens, all ranks
-    best_valid_loss: float = math.inf
-    elapsed_s: float = 0.0
-    last_eval_step: int = -1
-    extra: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {
-            "step": self.step,
-            "tokens": self.tokens,
-            "pred_tokens": self.pred_tokens,
-            "best_valid_loss": self.best_valid_loss if math.isfinite(self.best_valid_loss) else None,
-            "elapsed_s": self.elapsed_s,
-            **self.extra,
-        }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +65,7 @@ def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
             )
         if not path.is_dir():
             raise CheckpointError(f"--resume-checkpoint {path}: no such folder")
-        if not (path / "train_state.json").is_file() and (path / "config.json").is_file():
+        if not (path / TRAIN_STATE_FILE).is_file() and (path / "config.json").is_file():
             raise CheckpointError(
                 f"--resume-checkpoint {path} is a Hugging Face model folder, not an mpnet-dist checkpoint: to "
                 f"start from its weights use --hf-model-path {path} (a new run, fresh optimizer) instead."
@@ -102,14 +86,67 @@ def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
 
 def run(cfg: TrainConfig) -> int:
     stop_with_launcher()
+    loop = build_loop(cfg)
+    try:
+        return _train_loop(loop)
+    finally:
+        loop.writer.close()
+
+
+@dataclass(eq=False)
+class Loop:
+    """Everything the training loop carries from step to step, in one object (as torchtitan's Trainer and
+    litgpt's `state`): what was built at the start, the progress saved in train_state.json, the log window."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    data: Data
+    tokenizer: Any
+    resume_from: Path | None
+    run_info: dict[str, Any]  # the fields of train_state.json that are fixed for the whole run
+    writer: MetricsWriter | None = None
+    # progress: saved in every checkpoint, restored on resume
+    step: int = 0
+    tokens: int = 0  # non-padding input tokens, all ranks
+    pred_tokens: int = 0  # predicted tokens, all ranks
+    best_valid_loss: float = math.inf
+    elapsed_s: float = 0.0
+    # within this process only
+    last_eval_step: int = -1
+    nonfinite_run: int = 0  # consecutive skipped (NaN/Inf) steps
+    compiled: bool = False  # --compile: the first step (which compiles) has run and its time was logged
+    window: LogWindow = field(default_factory=LogWindow)
+    stop: StopSignal | None = None
+    bar: Any = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.checkpoint_dir)
+
+    def train_state(self) -> TrainState:
+        progress = (self.step, self.tokens, self.pred_tokens, self.best_valid_loss, self.elapsed_s)
+        return TrainState(**dict(zip(_PROGRESS, progress, strict=True)), **self.run_info)
+
+    def restore(self, saved: TrainState) -> None:
+        for name in _PROGRESS:
+            setattr(self, name, getattr(saved, name))
+        self.last_eval_step = saved.step
+
+
+_PROGRESS = ("step", "tokens", "pred_tokens", "best_valid_loss", "elapsed_s")
+
+
+def build_loop(cfg: TrainConfig) -> Loop:
+    """Accelerator, tokenizer, model, optimizer, data and metrics, in that order; a checkpoint restored if asked."""
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.is_main_process, cfg.debug)
     if accelerator.device.type == "cpu":
         keep_freed_memory()
-    run_dir = Path(cfg.checkpoint_dir)
-    resume_from = resolve_resume(cfg, run_dir)
+    resume_from = resolve_resume(cfg, Path(cfg.checkpoint_dir))
     if cfg.resume and resume_from is None:
-        logger.info("--resume: no complete checkpoint in %s, starting from scratch", run_dir)
+        logger.info("--resume: no complete checkpoint in %s, starting from scratch", cfg.checkpoint_dir)
     logger.info("mpnet-dist %s: %s", __version__, describe(accelerator))
     set_seed(cfg.seed)  # the same initial weights on every rank
 
@@ -117,8 +154,8 @@ def run(cfg: TrainConfig) -> int:
 
     tokenizer = load_tokenizer(cfg.tokenizer_name, cfg.data_cache_dir)
     saved = read_train_state(resume_from) if resume_from else None
-    if saved is not None:
-        check_vocab(tokenizer, saved["tokenizer_size"])
+    if saved is not None and saved.tokenizer_size is not None:
+        check_vocab(tokenizer, saved.tokenizer_size)
     model = build_model(cfg, tokenizer, saved)
     # Same weights everywhere, but each rank its own dropout masks (seed + rank); a resumed run restores
     # every rank's RNG from the checkpoint instead.
@@ -129,14 +166,12 @@ def run(cfg: TrainConfig) -> int:
         check_exportable(model.config)  # refuse now, not after days of training
     optimizer = build_optimizer(model, cfg)
     data = build_data(cfg, tokenizer, accelerator.process_index, accelerator.num_processes)
-    logger.info("data: %s", getattr(data, "source_info", "ready"))
+    logger.info("data: %s", data.source_info)
     if cfg.compile:
         check_compile_supported(zero_stage(accelerator))
         compile_model(model, accelerator.device, cfg.compile_backend)
     model, optimizer = accelerator.prepare(model, optimizer)
-
-    state = _restore(accelerator, data, resume_from, cfg.trust_checkpoint) if resume_from else TrainState()
-    state.extra = {
+    run_info = {
         "model_config": accelerator.unwrap_model(model).config.to_dict(),
         "tokenizer_name": cfg.tokenizer_name,
         "tokenizer_size": len(tokenizer),
@@ -145,37 +180,35 @@ def run(cfg: TrainConfig) -> int:
         "mpnet_dist_version": __version__,
         "config": cfg.to_dict(),
     }
-    if accelerator.is_main_process:
+    loop = Loop(cfg, accelerator, model, optimizer, data, tokenizer, resume_from, run_info)
+    if resume_from:
+        _restore(loop)
+    _prepare_run_dir(loop)
+    loop.writer = MetricsWriter(cfg, loop.run_dir, accelerator.is_main_process)
+    if cfg.wandb_watch and loop.writer.wandb is not None:
+        loop.writer.wandb.watch(accelerator.unwrap_model(model), log_freq=100)
+    return loop
+
+
+def _restore(loop: Loop) -> None:
+    """Load the checkpoint into the prepared model/optimizer and the data loader, and the loop's progress."""
+    saved, data_state = load_checkpoint(loop.accelerator, loop.resume_from, trust=loop.cfg.trust_checkpoint)
+    if data_state is not None:
+        loop.data.train.load_state_dict(data_state)
+    loop.restore(saved)
+    logger.info("resumed from %s at step %d", loop.resume_from, saved.step)
+
+
+def _prepare_run_dir(loop: Loop) -> None:
+    """config.yaml of this run; metrics of steps after the checkpoint and stale stop markers removed."""
+    run_dir = loop.run_dir
+    if loop.accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, run_dir / "config.yaml")
-        _truncate_metrics(run_dir, state.step)
+        dump_yaml(loop.cfg, run_dir / "config.yaml")
+        _truncate_metrics(run_dir, loop.step)
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         (run_dir / PREEMPT_FILE).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    writer = MetricsWriter(cfg, run_dir, accelerator.is_main_process)
-    if cfg.wandb_watch and writer.wandb is not None:
-        writer.wandb.watch(accelerator.unwrap_model(model), log_freq=100)
-    try:
-        return _train_loop(cfg, accelerator, model, optimizer, data, state, writer, run_dir, resume_from)
-    finally:
-        writer.close()
-
-
-def _restore(accelerator, data, resume_from: Path, trust: bool) -> TrainState:
-    """Load the checkpoint into the prepared model/optimizer and the data loader; return the train state."""
-    train_state, data_state = load_checkpoint(accelerator, resume_from, trust=trust)
-    if data_state is not None:
-        data.train.load_state_dict(data_state)
-    best = train_state["best_valid_loss"]
-    logger.info("resumed from %s at step %d", resume_from, train_state["step"])
-    return TrainState(
-        step=train_state["step"],
-        tokens=train_state["tokens"],
-        pred_tokens=train_state["pred_tokens"],
-        best_valid_loss=best if best is not None else math.inf,
-        elapsed_s=train_state.get("elapsed_s", 0.0),
-        last_eval_step=train_state["step"],
-    )
+    loop.accelerator.wait_for_everyone()
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:
@@ -186,182 +219,186 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _train_loop(cfg, accelerator, model, optimizer, data, state, writer, run_dir, resume_from) -> int:
-    from mpnet_dist.data.prefetch import Prefetcher
-
-    stop = StopSignal(run_dir)
-    if cfg.prefetch_steps:  # after the restore: it reads the source's state as its starting point
-        data.train = Prefetcher(data.train, cfg.prefetch_steps * cfg.update_freq, accelerator.device)
-    try:
-        return _run_steps(cfg, accelerator, model, optimizer, data, state, writer, run_dir, resume_from, stop)
-    finally:
-        stop.close()
-        if isinstance(data.train, Prefetcher):
-            data.train.close()
-
-
-def _run_steps(cfg, accelerator, model, optimizer, data, state, writer, run_dir, resume_from, stop) -> int:
+def _train_loop(loop: Loop) -> int:
     from tqdm.auto import tqdm
 
-    warmup, eval_every = cfg.resolved_warmup(), cfg.resolved_eval_interval()
-    bar = tqdm(
-        total=cfg.total_updates,
-        initial=state.step,
-        disable=not accelerator.is_main_process,
+    loop.stop = StopSignal(loop.run_dir)
+    loop.bar = tqdm(
+        total=loop.cfg.total_updates,
+        initial=loop.step,
+        disable=not loop.accelerator.is_main_process,
         desc="train",
         dynamic_ncols=True,
         leave=False,
     )
-    window = _Window()
-    nonfinite_run, first_step = 0, True
-    if state.step == 0 and cfg.total_updates > 0:
-        # The untrained model's validation loss: the baseline every later evaluation is read against.
-        result = evaluate(accelerator, model, data.valid)
-        if result is not None:
-            _write_eval(writer, state, "valid", result)
-    model.train()
-    while state.step < cfg.total_updates:
-        started = time.perf_counter()
-        micro_batches = [next(data.train) for _ in range(cfg.update_freq)]
-        window.data_wait += time.perf_counter() - started
-        lr = lr_at(state.step + 1, cfg.lr, warmup, cfg.total_updates, cfg.end_learning_rate, cfg.power)
-        logs = (state.step + 1) % cfg.logging_steps == 0 or state.step + 1 == cfg.total_updates
-        settings = StepSettings(lr, cfg.clip_grad_norm, stop_vote=stop.poll(), read_grad_norm=logs)
-        result = train_step(accelerator, model, optimizer, micro_batches, settings)
-        if result.skipped:
-            nonfinite_run += 1
-            logger.warning(
-                "step %d: non-finite loss, update skipped (%d in a row)", state.step + 1, nonfinite_run
-            )
-            if nonfinite_run > cfg.max_nonfinite_skips:
-                raise NonFiniteLossError(
-                    f"loss was NaN/Inf for {nonfinite_run} step(s) in a row (limit --max-nonfinite-skips "
-                    f"{cfg.max_nonfinite_skips}); stopped without saving. The last good checkpoint in {run_dir} "
-                    "is intact: resume from it with a lower --lr or stronger --clip-grad-norm."
-                )
-        else:
-            nonfinite_run = 0
-        state.step += 1
-        seconds = time.perf_counter() - started
-        if cfg.compile and first_step:  # this process compiled during this step
-            log_compile_time(seconds)
-        first_step = False
-        state.tokens += result.n_tokens_global
-        state.pred_tokens += result.n_pred_global
-        state.elapsed_s += seconds
-        window.add(result, lr, seconds)
-        bar.update(1)
-        if state.step % cfg.logging_steps == 0 or state.step == cfg.total_updates:
-            _log_train(accelerator, cfg, state, window, writer, bar)
-            window = _Window()
-        if state.step % eval_every == 0 and state.step < cfg.total_updates:
-            _validate(accelerator, cfg, model, data, state, writer, run_dir, bar)
-        if cfg.checkpoint_interval > 0 and state.step % cfg.checkpoint_interval == 0:
-            _save(accelerator, data, state, run_dir, step_name(state.step))
-            if accelerator.is_main_process:
-                prune_checkpoints(run_dir, cfg.keep_checkpoints, protect=resume_from)
-        if result.stop_requested and state.step < cfg.total_updates:
-            if not (cfg.checkpoint_interval > 0 and state.step % cfg.checkpoint_interval == 0):
-                _save(accelerator, data, state, run_dir, step_name(state.step))
-            if accelerator.is_main_process:
-                (run_dir / PREEMPTED_MARKER).write_text(f"{state.step}\n")
-            logger.info("stop requested: saved step %d and exiting; resume with --resume", state.step)
-            bar.close()
-            return 0
-    bar.close()
-    if state.last_eval_step != state.step:
-        _validate(accelerator, cfg, model, data, state, writer, run_dir, bar)
-    test = evaluate(accelerator, model, data.test)
-    if test is not None:
-        _write_eval(writer, state, "test", test)
-    _save(accelerator, data, state, run_dir, "final")
-    if cfg.export_hf_dir:
-        from mpnet_dist.export import export_from_training
+    if loop.cfg.prefetch_steps:  # after the restore: it starts from the source's restored position
+        loop.data.train = Prefetcher(
+            loop.data.train, loop.cfg.prefetch_steps * loop.cfg.update_freq, loop.accelerator.device
+        )
+    try:
+        return _run_steps(loop)
+    finally:
+        loop.bar.close()
+        loop.stop.close()
+        if isinstance(loop.data.train, Prefetcher):
+            loop.data.train.close()
 
-        export_from_training(accelerator, model, cfg, Path(cfg.export_hf_dir))
-    logger.info("done: %d steps, %s tokens in %.0fs", state.step, f"{state.tokens:,}", state.elapsed_s)
+
+def _run_steps(loop: Loop) -> int:
+    """The outline of training: a baseline evaluation, then steps until --total-updates or a stop request."""
+    cfg = loop.cfg
+    if loop.step == 0 and cfg.total_updates > 0:
+        _evaluate(loop, "valid")  # the untrained model: the baseline every later evaluation is read against
+    loop.model.train()
+    while loop.step < cfg.total_updates:
+        result = _step(loop)
+        _apply_nonfinite_policy(loop, result)
+        if loop.step % cfg.logging_steps == 0 or loop.step == cfg.total_updates:
+            _log_train(loop)
+        if loop.step % cfg.resolved_eval_interval() == 0 and loop.step < cfg.total_updates:
+            _validate(loop)
+        if _checkpoint_due(loop):
+            _save(loop, step_name(loop.step))
+            if loop.accelerator.is_main_process:
+                prune_checkpoints(loop.run_dir, cfg.keep_checkpoints, protect=loop.resume_from)
+        if result.stop_requested and loop.step < cfg.total_updates:
+            return _stop_early(loop)
+    return _finish(loop)
+
+
+def _step(loop: Loop) -> StepResult:
+    """One optimizer step: this step's micro-batches, its learning rate, train_step, the counters."""
+    cfg = loop.cfg
+    started = time.perf_counter()
+    micro_batches = [next(loop.data.train) for _ in range(cfg.update_freq)]
+    loop.window.data_wait += time.perf_counter() - started
+    lr = lr_at(
+        loop.step + 1, cfg.lr, cfg.resolved_warmup(), cfg.total_updates, cfg.end_learning_rate, cfg.power
+    )
+    logs = (loop.step + 1) % cfg.logging_steps == 0 or loop.step + 1 == cfg.total_updates
+    settings = StepSettings(lr, cfg.clip_grad_norm, stop_vote=loop.stop.poll(), read_grad_norm=logs)
+    result = train_step(loop.accelerator, loop.model, loop.optimizer, micro_batches, settings)
+    seconds = time.perf_counter() - started
+    if cfg.compile and not loop.compiled:  # this process compiled during this step
+        log_compile_time(seconds)
+        loop.compiled = True
+    loop.step += 1
+    loop.tokens += result.n_tokens_global
+    loop.pred_tokens += result.n_pred_global
+    loop.elapsed_s += seconds
+    loop.window.add(result, lr, seconds)
+    loop.bar.update(1)
+    return result
+
+
+def _apply_nonfinite_policy(loop: Loop, result: StepResult) -> None:
+    """A NaN/Inf step was skipped by train_step; stop after more than --max-nonfinite-skips in a row."""
+    if not result.skipped:
+        loop.nonfinite_run = 0
+        return
+    loop.nonfinite_run += 1
+    logger.warning("step %d: non-finite loss, update skipped (%d in a row)", loop.step, loop.nonfinite_run)
+    if loop.nonfinite_run > loop.cfg.max_nonfinite_skips:
+        raise NonFiniteLossError(
+            f"loss was NaN/Inf for {loop.nonfinite_run} step(s) in a row (limit --max-nonfinite-skips "
+            f"{loop.cfg.max_nonfinite_skips}); stopped without saving. The last good checkpoint in {loop.run_dir} "
+            "is intact: resume from it with a lower --lr or stronger --clip-grad-norm."
+        )
+
+
+def _checkpoint_due(loop: Loop) -> bool:
+    interval = loop.cfg.checkpoint_interval
+    return interval > 0 and loop.step % interval == 0
+
+
+def _stop_early(loop: Loop) -> int:
+    """A stop was requested (preemption, PREEMPT file, Ctrl-C): save unless just saved, mark, exit 0."""
+    if not _checkpoint_due(loop):
+        _save(loop, step_name(loop.step))
+    if loop.accelerator.is_main_process:
+        (loop.run_dir / PREEMPTED_MARKER).write_text(f"{loop.step}\n")
+    logger.info("stop requested: saved step %d and exiting; resume with --resume", loop.step)
     return 0
 
 
-class _Window:
-    """Sums over the steps since the last log line (loss sums stay on device until then)."""
+def _finish(loop: Loop) -> int:
+    """After the last step: validation (unless just done), test, the final checkpoint, the export if asked."""
+    loop.bar.close()
+    if loop.last_eval_step != loop.step:
+        _validate(loop)
+    _evaluate(loop, "test")
+    _save(loop, "final")
+    if loop.cfg.export_hf_dir:
+        from mpnet_dist.export import export_from_training
 
-    def __init__(self):
-        self.loss = self.correct = None
-        self.n_pred = self.n_tokens = self.steps = 0
-        self.seconds = self.data_wait = 0.0
-        self.lr, self.grad_norm = 0.0, None
-
-    def add(self, result, lr: float, seconds: float) -> None:
-        self.loss = result.loss_sum if self.loss is None else self.loss + result.loss_sum
-        self.correct = result.correct if self.correct is None else self.correct + result.correct
-        self.n_pred += result.n_pred_global
-        self.n_tokens += result.n_tokens_global
-        self.steps += 1
-        self.seconds += seconds
-        self.lr = lr
-        if result.grad_norm is not None:
-            self.grad_norm = result.grad_norm
+        export_from_training(loop.accelerator, loop.model, loop.tokenizer, Path(loop.cfg.export_hf_dir))
+    logger.info("done: %d steps, %s tokens in %.0fs", loop.step, f"{loop.tokens:,}", loop.elapsed_s)
+    return 0
 
 
-def _log_train(accelerator, cfg, state, window: _Window, writer, bar) -> None:
+def _log_train(loop: Loop) -> None:
+    window, cfg = loop.window, loop.cfg
     sums = torch.stack([window.loss.double(), window.correct.double()])
-    loss, correct = accelerator.reduce(sums, reduction="sum").tolist()  # host sync: log steps only
+    loss, correct = loop.accelerator.reduce(sums, reduction="sum").tolist()  # host sync: log steps only
     n_pred = max(window.n_pred, 1)
     record = {
-        "step": state.step,
+        "step": loop.step,
         "split": "train",
         "loss": loss / n_pred,
         "acc": correct / n_pred,
         "lr": window.lr,
         "grad_norm": window.grad_norm if window.grad_norm is not None else float("nan"),
-        "tokens": state.tokens,
-        "pred_tokens": state.pred_tokens,
+        "tokens": loop.tokens,
+        "pred_tokens": loop.pred_tokens,
         "tokens_per_s": window.n_tokens / max(window.seconds, 1e-9),
-        "elapsed_s": state.elapsed_s,
+        "elapsed_s": loop.elapsed_s,
         "data_wait_frac": window.data_wait / max(window.seconds, 1e-9),
     }
     record["loss_bits"] = record["loss"] / math.log(2)
-    record["eta_s"] = (cfg.total_updates - state.step) * window.seconds / max(window.steps, 1)
-    writer.write(record)
-    if accelerator.is_main_process:
-        bar.write(console_line(record, cfg.total_updates))
+    record["eta_s"] = (cfg.total_updates - loop.step) * window.seconds / max(window.steps, 1)
+    loop.writer.write(record)
+    if loop.accelerator.is_main_process:
+        loop.bar.write(console_line(record, cfg.total_updates))
+    loop.window = LogWindow()
 
 
-def _write_eval(writer, state, split: str, result: dict) -> None:
+def _evaluate(loop: Loop, split: str) -> dict[str, float] | None:
+    """Evaluate on `split` ("valid" or "test") and record it; None when there is no such data."""
+    result = evaluate(loop.accelerator, loop.model, getattr(loop.data, split))
+    if result is None:
+        return None
     record = {
-        "step": state.step,
+        "step": loop.step,
         "split": split,
         **result,
         "loss_bits": result["loss"] / math.log(2),
-        "tokens": state.tokens,
-        "pred_tokens_seen": state.pred_tokens,
-        "elapsed_s": state.elapsed_s,
+        "tokens": loop.tokens,
+        "pred_tokens_seen": loop.pred_tokens,
+        "elapsed_s": loop.elapsed_s,
     }
-    writer.write(record)
+    loop.writer.write(record)
     logger.info(
         "%s step %d | loss %.4f (%.4f bits) | acc %.3f",
         split,
-        state.step,
+        loop.step,
         result["loss"],
         record["loss_bits"],
         result["acc"],
     )
+    return result
 
 
-def _validate(accelerator, cfg, model, data, state, writer, run_dir, bar) -> None:
-    result = evaluate(accelerator, model, data.valid)
-    state.last_eval_step = state.step
-    if result is None:
-        return
-    _write_eval(writer, state, "valid", result)
-    if result["loss"] < state.best_valid_loss:
-        state.best_valid_loss = result["loss"]
-        _save(accelerator, data, state, run_dir, "best")
+def _validate(loop: Loop) -> None:
+    """Validation during training: a new lowest loss is saved as best/."""
+    result = _evaluate(loop, "valid")
+    loop.last_eval_step = loop.step
+    if result is not None and result["loss"] < loop.best_valid_loss:
+        loop.best_valid_loss = result["loss"]
+        _save(loop, "best")
 
 
-def _save(accelerator, data, state, run_dir: Path, name: str) -> None:
-    save_checkpoint(accelerator, run_dir, name, state.to_json(), data.train.state_dict())
+def _save(loop: Loop, name: str) -> None:
+    save_checkpoint(loop.accelerator, loop.run_dir, name, loop.train_state(), loop.data.train.state_dict())
 
 
 if __name__ == "__main__":

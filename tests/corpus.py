@@ -57,15 +57,6 @@ def write_corpus(root: Path) -> dict[str, Path]:
     return {"train_dir": train_dir, "valid": root / "valid.txt", "test": root / "test.txt"}
 
 
-def reset_accelerate() -> None:
-    """Accelerate keeps process-wide singletons; in-process test runs need a clean slate each time."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     from mpnet_dist.data import train_tokenizer

@@ -22,9 +22,17 @@ from torch._dynamo.backends.common import aot_autograd
 from mpnet_dist.compilation import check_compile_supported, compile_model
 from mpnet_dist.loss import prediction_loss
 from tests import corpus
-from tests.test_distributed import CONFIGS, NO_DROPOUT, finish_all, start
-from tests.test_model import random_batch, tiny_model
-from tests.test_train import tiny_args, train, train_losses
+from tests.helpers import (
+    CONFIGS,
+    NO_DROPOUT,
+    finish_all,
+    random_batch,
+    start,
+    tiny_args,
+    tiny_model,
+    train,
+    train_losses,
+)
 
 tiny_corpus = corpus.tiny_corpus
 # Inductor fuses elementwise chains and reorders fp32 sums; measured max difference over these runs: see below.

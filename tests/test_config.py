@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from mpnet_dist.config import ConfigError, TrainConfig, build_parser, load_yaml, parse_config
+from mpnet_dist.config import ConfigError, TrainConfig, build_parser, dump_yaml, load_yaml, parse_config
+from mpnet_dist.data.pipeline import DEFAULT_DATASET
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +25,7 @@ REFERENCE_DEFAULTS = {
     "debug": False, "seed": 12345, "num_workers": 0, "compile": False, "resume": False,
     "resume_checkpoint": None, "trust_checkpoint": False, "hf_model_path": None, "save_optimizer_state": False,
     "wandb": False, "wandb_project": "annotated-mpnet", "wandb_name": None, "wandb_id": None, "wandb_watch": False,
-}
+}  # fmt: skip
 
 
 def test_every_reference_flag_exists_with_its_default():
@@ -34,7 +36,7 @@ def test_every_reference_flag_exists_with_its_default():
 
 def test_reference_aliases_parse():
     cfg = parse_config(["-gc_steps", "4", "--save_steps", "100", "-wd", "0.1", "-prenorm", "-warmup_steps", "7",
-                        "--logging_steps", "3", "-grad_clip", "0.5", "-end_lr", "1e-5", "-activation", "relu"])
+                        "--logging_steps", "3", "-grad_clip", "0.5", "-end_lr", "1e-5", "-activation", "relu"])  # fmt: skip
     assert (cfg.update_freq, cfg.checkpoint_interval, cfg.weight_decay) == (4, 100, 0.1)
     assert cfg.normalize_before and cfg.warmup_updates == 7 and cfg.logging_steps == 3
     assert (cfg.clip_grad_norm, cfg.end_learning_rate, cfg.activation_fn) == (0.5, 1e-5, "relu")
@@ -45,7 +47,7 @@ def test_derived_defaults_follow_reference_rules():
     assert cfg.resolved_warmup() == 100
     assert cfg.resolved_eval_interval() == 5000
     assert cfg.resolved_max_positions() == 512
-    assert cfg.resolved_dataset_name() == "HuggingFaceFW/fineweb-edu"
+    assert DEFAULT_DATASET == "HuggingFaceFW/fineweb-edu"  # without --train-dir or --dataset-name
     assert parse_config(["--checkpoint-interval", "50"]).resolved_eval_interval() == 50
     assert parse_config(["--eval-interval-steps", "0", "--total-updates", "9"]).resolved_eval_interval() == 9
 
@@ -105,7 +107,9 @@ def test_resume_checkpoint_implies_resume_and_empty_dataset_is_unset():
     assert cfg.resume and cfg.dataset_name is None
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "launch_configs" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "recipe", sorted((ROOT / "launch_configs" / "recipes").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_recipes_validate(recipe):
     cfg = parse_config(["--config", str(recipe)])
     assert isinstance(cfg, TrainConfig)
@@ -115,3 +119,37 @@ def test_help_lists_every_flag():
     text = build_parser().format_help()
     for name in REFERENCE_DEFAULTS:
         assert "--" + name.replace("_", "-") in text
+
+
+def test_settings_from_environment_variables_are_fields_and_land_in_config_yaml(tmp_path, monkeypatch):
+    for variable in ("MPNET_DIST_TIMEOUT_S", "MPNET_DIST_DEEPSPEED_OVERRIDES", "MPNET_DIST_CACHE"):
+        monkeypatch.delenv(variable, raising=False)
+    cfg = parse_config([])
+    defaults = (1800, None, "~/.cache/mpnet_dist")
+    assert (cfg.dist_timeout_s, cfg.deepspeed_overrides, cfg.data_cache_dir) == defaults
+    monkeypatch.setenv("MPNET_DIST_TIMEOUT_S", "120")
+    monkeypatch.setenv("MPNET_DIST_DEEPSPEED_OVERRIDES", '{"zero_optimization": {"stage": 3}}')
+    monkeypatch.setenv("MPNET_DIST_CACHE", str(tmp_path / "cache"))
+    cfg = parse_config([])
+    dump_yaml(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["dist_timeout_s"] == 120 and saved["data_cache_dir"] == str(tmp_path / "cache")
+    assert saved["deepspeed_overrides"] == '{"zero_optimization": {"stage": 3}}'
+    assert TrainConfig(**saved) == cfg  # the saved file reproduces the run's settings
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dist-timeout-s: 300\n")
+    assert parse_config(["--config", str(recipe)]).dist_timeout_s == 300  # a recipe beats the variable
+    assert parse_config(["--dist-timeout-s", "60", "--data-cache-dir", "c"]).dist_timeout_s == 60
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("MPNET_DIST_TIMEOUT_S", "soon", r"\$MPNET_DIST_TIMEOUT_S \(sets --dist-timeout-s\): .*expected int"),
+        ("MPNET_DIST_DEEPSPEED_OVERRIDES", "{stage: 3}", "--deepspeed-overrides .* must be a JSON object"),
+    ],
+)
+def test_bad_environment_values_name_the_variable_or_flag(monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=message):
+        parse_config([])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mpnet_dist.data import build_data
-from tests.conftest import doc_ids, make_cfg, recover_rows, write_docs
+from tests.helpers import doc_ids, make_cfg, recover_rows, write_docs
 
 N_DOCS = 60
 

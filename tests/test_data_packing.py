@@ -9,7 +9,7 @@ import numpy as np
 from mpnet_dist.data.cache import build_once
 from mpnet_dist.data.packing import Blocks, build_block_cache, pack_documents
 from mpnet_dist.data.tokenizer import Encoder, fingerprint
-from tests.conftest import doc_text, write_docs
+from tests.helpers import doc_text, write_docs
 
 
 def _cache(tokenizer, files, root, max_tokens=32, packing=True):

@@ -10,7 +10,7 @@ import torch
 
 from mpnet_dist.data import build_data
 from mpnet_dist.data.prefetch import Prefetcher
-from tests.conftest import make_cfg, write_docs
+from tests.helpers import make_cfg, write_docs
 
 
 @pytest.fixture(scope="module")

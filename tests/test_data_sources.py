@@ -8,7 +8,7 @@ import pytest
 from mpnet_dist.data import DataError, build_data, load_tokenizer
 from mpnet_dist.data.corpus import materialize_builtin_corpus
 from mpnet_dist.data.sources import list_train_files, open_stream, read_documents, take_eval
-from tests.conftest import doc_text, make_cfg, write_docs
+from tests.helpers import doc_text, make_cfg, write_docs
 
 
 def test_plain_jsonl_and_gzip_files(tmp_path):

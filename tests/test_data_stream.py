@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mpnet_dist.data import DataError, build_data
-from tests.conftest import doc_ids, doc_text, make_cfg, recover_rows
+from tests.helpers import doc_ids, doc_text, make_cfg, recover_rows
 
 N_FILES, PER_FILE, EVAL = 3, 20, 5
 SHORT = "begin nine nine nine end"  # 24 characters: dropped by --min-text-length 27

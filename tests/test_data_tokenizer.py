@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from mpnet_dist.data import DataError, check_vocab, load_tokenizer, tokenizer_main, train_tokenizer
 from mpnet_dist.data.tokenizer import Encoder
-from tests.conftest import doc_text, write_docs
+from tests.helpers import doc_text, make_cfg, write_docs
 
 
 def test_trained_tokenizer_has_mpnet_layout_and_reloads_offline(tokenizer, tmp_path):
@@ -105,7 +105,6 @@ def test_byte_level_bpe_word_starts_and_separator(with_post_processor):
 def test_build_data_reads_special_ids_from_any_tokenizer(tmp_path):
     """A byte-level BPE tokenizer whose <pad> is 0 and <mask> 3: nothing assumes MPNet's ids."""
     from mpnet_dist.data import build_data
-    from tests.conftest import make_cfg
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)

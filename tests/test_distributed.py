@@ -6,120 +6,41 @@ One fresh run per backend is shared by every assertion about it (module-scoped f
   on 1 process, continuing the same data.
 - ZeRO-2 and ZeRO-3: match DDP within ZERO_LOSS_TOL; resume to the same weights; ZeRO-3 really partitions
   the parameters; ZeRO-3 resumes on two "machines"; a ZeRO checkpoint on another world size is refused.
-The helpers at the top are shared by tests/test_launch_configs.py and tests/test_slurm.py.
+The launch helpers it uses are in tests/helpers.py, shared with test_launch_configs.py and test_slurm.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mpnet_dist.checkpoint import CheckpointError
 from tests import corpus
-from tests.test_train import tiny_args, train, train_losses
+from tests.helpers import (
+    CONFIGS,
+    NO_DROPOUT,
+    finish_all,
+    max_loss_diff,
+    max_weight_diff,
+    start,
+    start_two_machines,
+    tiny_args,
+    train,
+    train_losses,
+    train_state,
+    weights,
+)
 
 tiny_corpus = corpus.tiny_corpus  # session fixture: the corpus and tokenizer are built once
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "launch_configs" / "accelerate"
-NO_DROPOUT = ("--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0")
 # Tiny test params stay whole under ZeRO-3's default persistence threshold (1e5 elements): force partitioning.
 PARTITION_ALL = json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}})
 DDP_LOSS_TOL = 1e-5  # 2 processes x batch b vs 1 process x batch 2b: only the reduction order differs
 ZERO_LOSS_TOL = 1e-5  # ZeRO-2/3 vs DDP (same fp32 math, DeepSpeed's own clipping and bucketed reductions)
 ZERO_WEIGHT_TOL = 1e-5
-# Variables a user should NOT need: the factory must do their job (DESIGN.md, "Distributed execution").
-_NOT_NEEDED = ("ACCELERATE_USE_CPU", "DS_ACCELERATOR")
-
-
-def launch_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _NOT_NEEDED and not k.startswith("ACCELERATE_")}
-    env["MPNET_DIST_TIMEOUT_S"] = "120"  # a hung collective fails the test in minutes, not 30
-    env.update(extra)
-    return env
-
-
-def launch_cmd(config: Path, args: list[str], *flags: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *flags,
-            "-m", "mpnet_dist.train", *args]  # fmt: skip
-
-
-def start(config: Path, args: list[str], *flags: str, log: Path, **env: str) -> subprocess.Popen:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as fh:
-        return subprocess.Popen(launch_cmd(config, args, *flags), cwd=REPO, env=launch_env(**env),
-                                stdout=fh, stderr=subprocess.STDOUT)  # fmt: skip
-
-
-def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    try:
-        code = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        code = "timeout"
-    if code != 0:
-        raise AssertionError(f"launch exited with {code}; last lines of {log}:\n{tail(log)}")
-
-
-def tail(log: Path, lines: int = 60) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_two_machines(config: Path, args: list[str], *flags: str, log_dir: Path, **env: str) -> list[tuple]:
-    """Two `accelerate launch --num_machines 2` (one process each) on 127.0.0.1, as on two nodes."""
-    common = ("--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
-              "--main_process_port", str(free_port()), *flags)  # fmt: skip
-    logs = [log_dir / f"machine{rank}.log" for rank in (0, 1)]
-    return [
-        (start(config, args, *common, "--machine_rank", str(r), log=logs[r], **env), logs[r]) for r in (0, 1)
-    ]
-
-
-def finish_all(procs: list[tuple]) -> None:
-    for proc, log in procs:
-        finish(proc, log)
-
-
-def train_state(run_dir: Path, name: str = "final") -> dict:
-    return json.loads((run_dir / name / "train_state.json").read_text())
-
-
-def weights(run_dir: Path, name: str = "final") -> dict[str, torch.Tensor]:
-    """fp32 weights of a checkpoint: model.safetensors (DDP, 1 process) or the consolidated ZeRO shards."""
-    folder = run_dir / name
-    if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="pytorch_model")
-
-
-def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    shared = a.keys() & b.keys()
-    assert len(shared) >= 0.9 * max(len(a), len(b)), (sorted(a), sorted(b))
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in shared)
-
-
-def max_loss_diff(a: dict[int, float], b: dict[int, float], steps) -> float:
-    return max(abs(a[s] - b[s]) for s in steps)
-
-
-# --------------------------------------------------------------------------------------------------------------
 
 
 def _args(corpus, run_dir: Path, *extra: str) -> list[str]:

@@ -18,13 +18,11 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from mpnet_dist.checkpoint import save_checkpoint
-from mpnet_dist.consolidate import load_checkpoint_model
+from mpnet_dist.checkpoint import BlocksDataState, TrainState, save_checkpoint
 from mpnet_dist.export import INFO_FILE, convert_to_hf_main, main
-from mpnet_dist.export_check import check_batch
+from mpnet_dist.export.weights import load_checkpoint_model
 from mpnet_dist.model import MPNetConfig, MPNetForPretraining
-from tests.corpus import reset_accelerate
-from tests.test_train import tiny_args, train
+from tests.helpers import assert_loads_and_matches, reset_accelerate, tiny_args, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "launch_configs" / "accelerate"
@@ -62,20 +60,8 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
 
 
-def assert_loads_and_matches(folder: Path, checkpoint: Path | MPNetForPretraining) -> float:
-    """Independent of the exporter's own check: reload offline, no key problems, tied, same logits."""
-    hf, info = transformers.AutoModelForMaskedLM.from_pretrained(
-        str(folder), dtype=torch.float32, output_loading_info=True, local_files_only=True
-    )
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert hf.lm_head.decoder.weight.data_ptr() == hf.mpnet.embeddings.word_embeddings.weight.data_ptr()
-    ours = checkpoint if isinstance(checkpoint, MPNetForPretraining) else load_checkpoint_model(checkpoint)[0]
-    ids, mask = check_batch(ours.config, None)
-    with torch.no_grad():
-        diff = (ours.mlm_logits(ids, mask) - hf.eval()(input_ids=ids, attention_mask=mask).logits).abs()
-    worst = diff[mask.bool()].max().item()
-    assert worst < 1e-4, worst
-    return worst
+# The data state of a checkpoint the tests write by hand (export never reads it).
+NO_DATA = BlocksDataState(blocks_consumed=0, n_blocks=1, data_id="none", seed=0, world_size=1, batch_size=1)
 
 
 def hand_checkpoint(run_dir: Path, tokenizer: Path, seed: int = 0, **overrides: object) -> Path:
@@ -91,9 +77,10 @@ def hand_checkpoint(run_dir: Path, tokenizer: Path, seed: int = 0, **overrides: 
             param.add_(0.05 * torch.randn_like(param))
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(model)
-    state = {"step": 3, "model_config": config.to_dict(), "tokenizer_name": str(tokenizer), "tokenizer_size": 600,
-             "zero_stage": 0, "config": {}}  # fmt: skip
-    return save_checkpoint(accelerator, run_dir, "final", state, {})
+    state = TrainState(
+        step=3, model_config=config.to_dict(), tokenizer_name=str(tokenizer), tokenizer_size=600
+    )
+    return save_checkpoint(accelerator, run_dir, "final", state, NO_DATA)
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +194,10 @@ def test_round_trip_from_hf_folder_after_zero_steps(tiny_corpus, tmp_path):
     tokenizer = load_tokenizer(cfg.tokenizer_name)
     model = build_model(cfg, tokenizer, None)
     model, _ = accelerator.prepare(model, build_optimizer(model, cfg))
-    state = {"step": 0, "model_config": accelerator.unwrap_model(model).config.to_dict(),
-             "tokenizer_name": cfg.tokenizer_name, "tokenizer_size": len(tokenizer),
-             "zero_stage": zero_stage(accelerator), "config": cfg.to_dict()}  # fmt: skip
-    checkpoint = save_checkpoint(accelerator, tmp_path / "run", "final", state, {})
+    state = TrainState(step=0, model_config=accelerator.unwrap_model(model).config.to_dict(),
+                       tokenizer_name=cfg.tokenizer_name, tokenizer_size=len(tokenizer),
+                       zero_stage=zero_stage(accelerator), config=cfg.to_dict())  # fmt: skip
+    checkpoint = save_checkpoint(accelerator, tmp_path / "run", "final", state, NO_DATA)
 
     assert export(checkpoint, tmp_path / "out") == 0
     assert_same_tensors(original.state_dict(), hf_tensors(tmp_path / "out"))
@@ -237,7 +224,7 @@ def test_unexportable_settings_refused_before_writing(tiny_corpus, tmp_path, cap
 
 def test_failed_verification_fails_loudly(tiny_corpus, tmp_path, capsys, monkeypatch):
     """An exporter bug (here: a perturbed relative-bias table, like the wrong-bucket bug) is caught."""
-    import mpnet_dist.export as export_module
+    import mpnet_dist.export.folder as export_module
 
     real_to_hf = export_module.to_hf
 

@@ -14,10 +14,21 @@ import torch
 from mpnet_dist.model import to_hf
 from mpnet_dist.step import StepSettings, train_step
 from tests import corpus
-from tests.test_distributed import CONFIGS, NO_DROPOUT, finish, start, train_state
-from tests.test_model import PAD, random_batch, tiny_model
-from tests.test_step import micro_batches, prepared
-from tests.test_train import tiny_args, train, train_losses
+from tests.helpers import (
+    CONFIGS,
+    NO_DROPOUT,
+    PAD,
+    finish,
+    prepared_step,
+    random_batch,
+    start,
+    step_micro_batches,
+    tiny_args,
+    tiny_model,
+    train,
+    train_losses,
+    train_state,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -83,16 +94,16 @@ def test_compiled_step_matches_eager_and_reads_the_host_once(tiny_corpus, tmp_pa
 
 def test_one_device_sync_per_step_that_does_not_log():
     """torch's sync debug mode reports every synchronizing CUDA call made during the step."""
-    accelerator, model, optimizer = prepared(update_freq=2, cpu=False)
+    accelerator, model, optimizer = prepared_step(update_freq=2, cpu=False)
     assert accelerator.device.type == "cuda"
     settings = StepSettings(lr=0.01, clip_grad_norm=1.0, read_grad_norm=False)
-    train_step(accelerator, model, optimizer, micro_batches(2), settings)  # optimizer state built
+    train_step(accelerator, model, optimizer, step_micro_batches(2), settings)  # optimizer state built
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_step(accelerator, model, optimizer, micro_batches(2, seed=5), settings)
+            train_step(accelerator, model, optimizer, step_micro_batches(2, seed=5), settings)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]

@@ -16,8 +16,16 @@ import torch
 
 from mpnet_dist.metrics import read_metrics
 from tests import corpus
-from tests.test_distributed import CONFIGS, NO_DROPOUT, finish_all, start, train_state, weights
-from tests.test_train import tiny_args
+from tests.helpers import (
+    CONFIGS,
+    NO_DROPOUT,
+    assert_loads_and_matches,
+    finish_all,
+    start,
+    tiny_args,
+    train_state,
+    weights,
+)
 
 tiny_corpus = corpus.tiny_corpus  # session fixture
 
@@ -143,7 +151,6 @@ def test_cpu_runnable_config_trains(config_runs, name, kind, world, stage, preci
 def test_zero1_checkpoint_exports_and_verifies(config_runs, tmp_path):
     """ZeRO-1 is the one checkpoint kind test_export.py does not train itself: export its final checkpoint."""
     from mpnet_dist.export import export_checkpoint
-    from tests.test_export import assert_loads_and_matches
 
     run_dir, _ = config_runs["deepspeed_zero1"]
     export_checkpoint(run_dir / "final", tmp_path / "hf")  # verifies itself; raises above tolerance

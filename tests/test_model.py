@@ -10,34 +10,7 @@ import torch
 from mpnet_dist.model import MPNetConfig, MPNetForPretraining
 from mpnet_dist.model.attention import build_float_mask
 from mpnet_dist.model.layout import two_stream_mask
-
-PAD = 1
-TOKENIZER_VOCAB = 100  # ids drawn below this; the model's vocab is padded to 128
-
-
-def tiny_config(**overrides) -> MPNetConfig:
-    settings = dict(
-        vocab_size=128,
-        encoder_layers=2,
-        encoder_embed_dim=32,
-        encoder_ffn_dim=64,
-        encoder_attention_heads=4,
-        max_positions=40,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-    )
-    settings.update(overrides)
-    return MPNetConfig(**settings)
-
-
-def tiny_model(seed: int = 0, **overrides) -> MPNetForPretraining:
-    torch.manual_seed(seed)
-    model = MPNetForPretraining(tiny_config(**overrides))
-    with torch.no_grad():  # move off the init so biases and LayerNorms matter
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    return model.eval()
+from tests.helpers import PAD, TOKENIZER_VOCAB, random_batch, tiny_config, tiny_model
 
 
 def two_stream_row(tokens: list[int], positions: list[int], masked: list[int], p: int):
@@ -45,16 +18,6 @@ def two_stream_row(tokens: list[int], positions: list[int], masked: list[int], p
     ids = tokens + masked + masked
     pos = positions + positions[-p:] + positions[-p:]
     return torch.tensor(ids), torch.tensor(pos)
-
-
-def random_batch(batch: int, seq_len: int, p: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(5, TOKENIZER_VOCAB, (batch, seq_len), generator=gen)
-    perm = torch.stack([torch.randperm(seq_len, generator=gen) for _ in range(batch)])
-    masked = torch.randint(3, TOKENIZER_VOCAB, (batch, p), generator=gen)
-    input_ids = torch.cat([tokens, masked, masked], dim=1)  # [B, L+2p]
-    positions = torch.cat([perm, perm[:, -p:], perm[:, -p:]], dim=1)  # [B, L+2p]
-    return input_ids, positions
 
 
 def allowed_by_rules(row: int, col: int, seq_len: int, p: int) -> bool:

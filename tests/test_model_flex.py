@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mpnet_dist.config import ConfigError, parse_config
-from tests.test_model import PAD, random_batch, tiny_model
+from tests.helpers import PAD, random_batch, tiny_model
 
 FLEX_TOL = 1e-5  # fp32; both compute softmax(qk/sqrt(d) + bias) v, in different orders
 

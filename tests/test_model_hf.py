@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from mpnet_dist.model import HFExportError, MPNetForPretraining, from_hf, to_hf
-from tests.test_model import tiny_config
+from tests.helpers import tiny_config
 
 PAD = 1
 TOKENIZER_VOCAB = 100  # token ids stay below this; both models carry a vocab padded to 128

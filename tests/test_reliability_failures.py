@@ -6,7 +6,6 @@ RELIABILITY.md maps each acceptance item to the tests that show it (the rest are
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal
@@ -18,10 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpnet_dist import checkpoint as ckpt
-from mpnet_dist.checkpoint import CheckpointError, latest_checkpoint
-from tests.test_distributed import CONFIGS, finish, launch_cmd, launch_env
-from tests.test_train import final_weights, tiny_args, train, train_losses
+from mpnet_dist.checkpoint import CheckpointError, TrainState, latest_checkpoint
+from mpnet_dist.checkpoint import state as checkpoint_state
+from mpnet_dist.checkpoint.writer import swap_into_place
+from tests.helpers import (
+    CONFIGS,
+    final_weights,
+    finish,
+    launch_cmd,
+    launch_env,
+    tiny_args,
+    train,
+    train_losses,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,13 +153,13 @@ def test_sigkill_ends_the_job_and_resume_is_bitwise(victim, tiny_corpus, tmp_pat
 # the checkpoint named by argv[1], so the test can SIGKILL the process while that folder is half-written.
 _SLOW_SAVE = """
 import sys, time
-import mpnet_dist.checkpoint as c
-slow, write = sys.argv.pop(1), c._write_json
-def delayed(path, data):
-    if slow in str(path):
+import mpnet_dist.checkpoint.writer as c
+slow, write = sys.argv.pop(1), c.write_train_state
+def delayed(folder, state):
+    if slow in str(folder):
         time.sleep(600)
-    write(path, data)
-c._write_json = delayed
+    write(folder, state)
+c.write_train_state = delayed
 from mpnet_dist.train import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -234,11 +242,11 @@ def test_real_full_disk_on_a_small_tmpfs(tiny_corpus, tmp_path, reference):
 
 
 def test_crash_between_the_renames_of_best_keeps_a_complete_copy(tmp_path, monkeypatch):
-    """_swap_into_place renames best -> .old-best, then .tmp-best -> best: a crash between leaves no best/."""
+    """swap_into_place renames best -> .old-best, then .tmp-best -> best: a crash between leaves no best/."""
 
     def folder(path: Path, step: int) -> Path:
         path.mkdir()
-        (path / ckpt.TRAIN_STATE).write_text(json.dumps({"step": step}))
+        checkpoint_state.write_train_state(path, TrainState(step=step, model_config={}, tokenizer_name="t"))
         return path
 
     best = tmp_path / "best"
@@ -252,9 +260,9 @@ def test_crash_between_the_renames_of_best_keeps_a_complete_copy(tmp_path, monke
 
     monkeypatch.setattr(Path, "rename", crash_on_second_rename)
     with pytest.raises(OSError, match="killed"):
-        ckpt._swap_into_place(folder(tmp_path / ".tmp-best", 6), best)
+        swap_into_place(folder(tmp_path / ".tmp-best", 6), best)
     monkeypatch.undo()
-    assert not best.exists() and ckpt.read_train_state(tmp_path / ".old-best")["step"] == 3
+    assert not best.exists() and checkpoint_state.read_train_state(tmp_path / ".old-best").step == 3
     shutil.rmtree(tmp_path / ".tmp-best")  # what save_checkpoint does first on the next save
-    ckpt._swap_into_place(folder(tmp_path / ".tmp-best", 9), best)
-    assert ckpt.read_train_state(best)["step"] == 9 and not (tmp_path / ".old-best").exists()
+    swap_into_place(folder(tmp_path / ".tmp-best", 9), best)
+    assert checkpoint_state.read_train_state(best).step == 9 and not (tmp_path / ".old-best").exists()

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpnet_dist import checkpoint as ckpt
 from mpnet_dist import step as step_module
 from mpnet_dist import train as train_module
-from mpnet_dist.checkpoint import CheckpointError, latest_checkpoint
+from mpnet_dist.checkpoint import CheckpointError, latest_checkpoint, read_train_state
+from mpnet_dist.checkpoint.weights_only import deepspeed_engine_weights_only, refuse_pickles
 from mpnet_dist.data import DataError, load_tokenizer
-from tests.test_train import final_weights, tiny_args, train
+from tests.helpers import final_weights, tiny_args, train
 
 # ---- 3. NaN / Inf policy -----------------------------------------------------------------------------------------
 
@@ -122,7 +122,7 @@ def test_resume_with_other_architecture_flags_keeps_the_checkpoint_model(
 ):
     assert _resume(tiny_corpus, tmp_path, small_checkpoint, "--encoder-layers", "3") == 0
     assert "flags ignored for: encoder_layers" in capsys.readouterr().out
-    assert ckpt.read_train_state(tmp_path / "resumed" / "final")["model_config"]["encoder_layers"] == 2
+    assert read_train_state(tmp_path / "resumed" / "final").model_config["encoder_layers"] == 2
 
 
 @pytest.mark.parametrize("kind, message", [
@@ -208,7 +208,7 @@ def test_deepspeed_checkpoint_engine_is_made_weights_only(tmp_path):
     shard, marker = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt", tmp_path / "pwned"
     torch.save(_TouchOnLoad(marker), shard)
     with pytest.raises(CheckpointError, match="--trust-checkpoint"):
-        with ckpt._refuse_pickles(shard), ckpt._deepspeed_weights_only(True):
+        with refuse_pickles(shard), deepspeed_engine_weights_only(True):
             TorchCheckpointEngine().load(str(shard))
     assert not marker.exists()
     TorchCheckpointEngine().load(str(shard))  # unwrapped, as with --trust-checkpoint

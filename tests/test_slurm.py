@@ -24,8 +24,7 @@ import torch
 
 from mpnet_dist.metrics import read_metrics
 from tests import corpus
-from tests.test_distributed import CONFIGS, REPO, finish, launch_env, start, tail, train_state, weights
-from tests.test_train import tiny_args
+from tests.helpers import CONFIGS, REPO, finish, launch_env, start, tail, tiny_args, train_state, weights
 
 tiny_corpus = corpus.tiny_corpus  # session fixture
 

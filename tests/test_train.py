@@ -4,43 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mpnet_dist import step as step_module
 from mpnet_dist.checkpoint import interval_checkpoints, latest_checkpoint
-from mpnet_dist.config import parse_config
 from mpnet_dist.metrics import read_metrics
-from mpnet_dist.train import main, run
-from tests.corpus import reset_accelerate
-
-
-def tiny_args(corpus, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--train-dir", str(corpus["train_dir"]), "--valid-file", str(corpus["valid"]),
-        "--test-file", str(corpus["test"]), "--tokenizer-name", str(corpus["tokenizer"]),
-        "--data-cache-dir", str(corpus["cache"]), "--checkpoint-dir", str(run_dir),
-        "--max-tokens", "32", "--encoder-layers", "2", "--encoder-embed-dim", "32", "--encoder-ffn-dim", "64",
-        "--encoder-attention-heads", "4", "--batch-size", "4", "--update-freq", "2", "--total-updates", "6",
-        "--warmup-updates", "2", "--lr", "0.003", "--logging-steps", "1", "--eval-interval-steps", "3",
-        "--dropout", "0.1", "--seed", "7", *extra,
-    ]  # fmt: skip
-
-
-def train(args: list[str]) -> int:
-    reset_accelerate()
-    return run(parse_config(args))
-
-
-def final_weights(run_dir: Path, name: str = "final") -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / name / "model.safetensors"))
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"}
+from mpnet_dist.train import main
+from tests.helpers import final_weights, tiny_args, train, train_losses
 
 
 def test_resumed_run_is_bitwise_identical(tiny_corpus, tmp_path):

@@ -8,10 +8,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+CACHE_ENV = "MPNET_DIST_CACHE"
+DEFAULT_CACHE_DIR = "~/.cache/mpnet_dist"
+
 
 def cache_root(data_cache_dir: str | None = None) -> Path:
     """`--data-cache-dir`, else $MPNET_DIST_CACHE, else ~/.cache/mpnet_dist."""
-    root = data_cache_dir or os.environ.get("MPNET_DIST_CACHE") or "~/.cache/mpnet_dist"
+    root = data_cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
     return Path(root).expanduser()
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mpnet_dist.checkpoint.state import BlocksDataState, DataState, data_state_from_dict, data_state_to_dict
 from mpnet_dist.data.errors import DataError
 from mpnet_dist.data.order import mix_key, permute, row_seeds
 from mpnet_dist.data.packing import Blocks
@@ -64,17 +65,18 @@ class RankBatches(Dataset):
 
 
 class _Starts(Sampler):
-    """start, start + step, ... forever."""
+    """start, start + stride, ... forever."""
 
-    def __init__(self, start: int, step: int):
-        self.start, self.step = start, step
+    def __init__(self, start: int, stride: int):
+        self.start, self.stride = start, stride
 
     def __iter__(self) -> Iterator[int]:
-        return count(self.start, self.step)
+        return count(self.start, self.stride)
 
 
-def _identity(x: Any) -> Any:
-    return x
+def whole_batch(item: Any) -> Any:
+    """DataLoader collate_fn for items that are already whole micro-batches: pass them through."""
+    return item
 
 
 class TrainBatches:
@@ -82,7 +84,7 @@ class TrainBatches:
 
     def __init__(self, dataset: RankBatches, num_workers: int, data_id: str):
         self.dataset, self.num_workers, self.data_id = dataset, num_workers, data_id
-        self.step = dataset.batch_size * dataset.world_size  # positions per global micro-batch
+        self.stride = dataset.batch_size * dataset.world_size  # positions per global micro-batch
         self.consumed = 0  # global positions consumed by the batches yielded so far
         self._it: Iterator | None = None
 
@@ -93,53 +95,53 @@ class TrainBatches:
         if self._it is None:
             self._it = self._start()
         batch = next(self._it)
-        self.consumed += self.step  # counted when yielded: prefetched batches are not consumed
+        self.consumed += self.stride  # counted when yielded: prefetched batches are not consumed
         return batch
 
     def _start(self) -> Iterator[dict[str, torch.Tensor]]:
         if self.num_workers == 0:
-            return (self.dataset[g] for g in count(self.consumed, self.step))
+            return (self.dataset[g] for g in count(self.consumed, self.stride))
         loader = DataLoader(
             self.dataset,
             batch_size=None,
-            sampler=_Starts(self.consumed, self.step),
+            sampler=_Starts(self.consumed, self.stride),
             num_workers=self.num_workers,
-            collate_fn=_identity,
+            collate_fn=whole_batch,
         )
         return iter(loader)
 
     def state_dict(self) -> dict[str, Any]:
         d = self.dataset
-        return {
-            "kind": "blocks",
-            "blocks_consumed": self.consumed,
-            "n_blocks": d.blocks.n_rows,
-            "data_id": self.data_id,
-            "seed": d.seed,
-            "world_size": d.world_size,
-            "batch_size": d.batch_size,
-        }
+        state = BlocksDataState(
+            blocks_consumed=self.consumed,
+            n_blocks=d.blocks.n_rows,
+            data_id=self.data_id,
+            seed=d.seed,
+            world_size=d.world_size,
+            batch_size=d.batch_size,
+        )
+        return data_state_to_dict(state)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "blocks":
+    def load_state_dict(self, state: dict[str, Any] | DataState) -> None:
+        saved = data_state_from_dict(state)
+        if not isinstance(saved, BlocksDataState):
             raise DataError(
-                f"the checkpoint's data state is of kind {state.get('kind')!r} (streaming) but this run reads "
+                f"the checkpoint's data state is of kind {saved.KIND!r} (streaming) but this run reads "
                 "local files; resume with the same data source (--dataset-name / --train-dir) as the saved run"
             )
-        if state["data_id"] != self.data_id or state["seed"] != self.dataset.seed:
+        if saved.data_id != self.data_id or saved.seed != self.dataset.seed:
             logger.warning(
                 "training data or --seed changed since the checkpoint (data %s -> %s, seed %s -> %s): "
                 "continuing at global block position %d, but not the sequence the saved run would have seen",
-                state["data_id"], self.data_id, state["seed"], self.dataset.seed, state["blocks_consumed"],
+                saved.data_id, self.data_id, saved.seed, self.dataset.seed, saved.blocks_consumed,
             )  # fmt: skip
-        old = state["world_size"] * state["batch_size"]
-        if state["blocks_consumed"] % self.step:
+        if saved.blocks_consumed % self.stride:
             logger.warning(
                 "resumed at global block %d, not a multiple of this run's global micro-batch %d (was %d): "
                 "exact only when the global batch B x W x update_freq is unchanged",
-                state["blocks_consumed"], self.step, old,
+                saved.blocks_consumed, self.stride, saved.world_size * saved.batch_size,
             )  # fmt: skip
-        self.consumed = int(state["blocks_consumed"])
+        self.consumed = int(saved.blocks_consumed)
         self._it = None  # workers of the old iterator shut down when it is collected
 
 

@@ -2,15 +2,14 @@
 
 import numpy as np
 
-from mpnet_dist.data.permutation import GAMMA
-from mpnet_dist.data.permutation import mix64 as finalize64
+from mpnet_dist.data.permutation import GAMMA, mix64
 
 _M64 = (1 << 64) - 1
 _ROUNDS = 4
 
 
 def _mix_int(x: int) -> int:
-    # splitmix64 finalizer on a Python int.
+    # splitmix64 (golden-ratio step, then the finalizer) on a Python int.
     x = (x + 0x9E3779B97F4A7C15) & _M64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
@@ -25,14 +24,14 @@ def mix_key(*parts: int) -> int:
     return key
 
 
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 (golden-ratio step, then the batch builder's finalizer) on a uint64 array; a bijection."""
-    return finalize64(np.asarray(x, dtype=np.uint64) + GAMMA)
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 (golden-ratio step, then the batch builder's finalizer `mix64`) on a uint64 array; a bijection."""
+    return mix64(np.asarray(x, dtype=np.uint64) + GAMMA)
 
 
 def row_seeds(seed: int, tag: int, positions: np.ndarray) -> np.ndarray:
     """One uint64 seed per row from the run seed, a stream tag and the row's position in that stream."""
-    return mix64(np.asarray(positions, dtype=np.uint64) ^ np.uint64(mix_key(seed, tag)))
+    return splitmix64(np.asarray(positions, dtype=np.uint64) ^ np.uint64(mix_key(seed, tag)))
 
 
 def permute(index: np.ndarray, n: int, key: int) -> np.ndarray:
@@ -50,7 +49,7 @@ def permute(index: np.ndarray, n: int, key: int) -> np.ndarray:
         y = x[todo]
         left, right = y >> shift, y & mask
         for k in keys:
-            left, right = right, left ^ (mix64(right ^ k) & mask)
+            left, right = right, left ^ (splitmix64(right ^ k) & mask)
         x[todo] = (left << shift) | right
         todo = x >= np.uint64(n)  # outside [0, n): walk the cycle until we land inside
     return x.astype(np.int64)

@@ -26,7 +26,6 @@ class Data:
     valid: EvalBatches | None
     test: EvalBatches | None
     spec: Any  # the MaskingSpec every batch was built with
-    vocab_size: int
     source_info: str
 
 
@@ -55,14 +54,14 @@ def build_data(cfg: Any, tokenizer: Any, rank: int, world_size: int) -> Data:
     spec = masking_spec(cfg, tokenizer)
     if cfg.train_dir:
         data = _file_data(
-            cfg, tokenizer, spec, rank, world_size, cfg.train_dir, cfg.valid_file, cfg.test_file
+            cfg, tokenizer, spec, (rank, world_size), (cfg.train_dir, cfg.valid_file, cfg.test_file)
         )
     elif cfg.dataset_name == BUILTIN:
         from mpnet_dist.data.corpus import materialize_builtin_corpus
 
         corpus = materialize_builtin_corpus(cfg.data_cache_dir)
         files = (corpus.train_dir, corpus.valid_file, corpus.test_file)
-        data = _file_data(cfg, tokenizer, spec, rank, world_size, *files)
+        data = _file_data(cfg, tokenizer, spec, (rank, world_size), files)
     else:
         data = _stream_data(cfg, tokenizer, spec, rank, world_size)
     if cfg.num_workers > 0:
@@ -72,15 +71,17 @@ def build_data(cfg: Any, tokenizer: Any, rank: int, world_size: int) -> Data:
     return data
 
 
-def _file_data(cfg, tokenizer, spec, rank, world_size, train_dir, valid_file, test_file) -> Data:
+def _file_data(cfg, tokenizer, spec, ranks: tuple[int, int], files: tuple[Any, Any, Any]) -> Data:
+    """ranks: (rank, world size); files: (train directory, validation file, test file)."""
+    (rank, world_size), (train_dir, valid_file, test_file) = ranks, files
     encoder, root = Encoder(tokenizer), cache_root(cfg.data_cache_dir)
 
     def cache(files: list[Path]) -> Blocks:
         args = (fingerprint(tokenizer), len(tokenizer), cfg.max_tokens, cfg.packing, cfg.text_field, root)
         return build_block_cache(files, encoder, *args)
 
-    files = list_train_files(train_dir)
-    blocks = cache(files)
+    train_files = list_train_files(train_dir)
+    blocks = cache(train_files)
     _check_train_size(blocks, cfg.batch_size, world_size, f"--train-dir {train_dir}")
     evals = {}
     for name, path, tag in (("valid", valid_file, VALID_TAG), ("test", test_file, TEST_TAG)):
@@ -92,10 +93,10 @@ def _file_data(cfg, tokenizer, spec, rank, world_size, train_dir, valid_file, te
     train = TrainBatches(dataset, cfg.num_workers, data_id=blocks.path.name)
     mode = "packed blocks" if cfg.packing else "one document per row"
     info = (
-        f"{len(files)} file(s) in {train_dir}: {blocks.meta['n_docs']} documents, {blocks.n_tokens} tokens, "
+        f"{len(train_files)} file(s) in {train_dir}: {blocks.meta['n_docs']} documents, {blocks.n_tokens} tokens, "
         f"{blocks.n_rows} rows of <= {cfg.max_tokens} tokens ({mode}); cache {blocks.path}"
     )
-    return Data(train, evals.get("valid"), evals.get("test"), spec, len(tokenizer), info)
+    return Data(train, evals.get("valid"), evals.get("test"), spec, info)
 
 
 def _check_train_size(blocks: Blocks, batch_size: int, world_size: int, what: str) -> None:
@@ -168,7 +169,7 @@ def _stream_data(cfg, tokenizer, spec, rank, world_size) -> Data:
         f"{plan.n_readers} reader(s), {layout}; {len(valid_docs)} valid / {len(test_docs)} test documents "
         f"taken before shuffling; shuffle chunks of {plan.buffer_size} documents"
     )
-    return Data(train, evals.get("valid"), evals.get("test"), spec, len(tokenizer), info)
+    return Data(train, evals.get("valid"), evals.get("test"), spec, info)
 
 
 def _source_id(cfg: Any, name: str) -> str:

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mpnet_dist.checkpoint.state import DataState, StreamDataState, data_state_from_dict, data_state_to_dict
 from mpnet_dist.data.errors import DataError
-from mpnet_dist.data.loader import _identity, make_batch
+from mpnet_dist.data.loader import make_batch, whole_batch
 from mpnet_dist.data.order import mix_key, permute, row_seeds
 from mpnet_dist.data.sources import Position, iter_shard
 from mpnet_dist.data.tokenizer import Encoder
@@ -189,7 +190,7 @@ class StreamBatches:
                 self._it = iter(workers)
             else:
                 loader = DataLoader(
-                    workers, batch_size=None, num_workers=self.num_workers, collate_fn=_identity
+                    workers, batch_size=None, num_workers=self.num_workers, collate_fn=whole_batch
                 )
                 self._it = iter(loader)
         local, batch, state = next(self._it)
@@ -198,37 +199,38 @@ class StreamBatches:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "kind": "stream",
-            "source": self.source,
-            "seed": self.readers[0].plan.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "readers_per_rank": len(self.readers),
-            "next": self.next,
-            "readers": [dict(s) for s in self.states],
-        }
+        state = StreamDataState(
+            source=self.source,
+            seed=self.readers[0].plan.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            readers_per_rank=len(self.readers),
+            next=self.next,
+            readers=[dict(s) for s in self.states],
+        )
+        return data_state_to_dict(state)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "stream":
+    def load_state_dict(self, state: dict[str, Any] | DataState) -> None:
+        saved = data_state_from_dict(state)
+        if not isinstance(saved, StreamDataState):
             raise DataError(
                 "the checkpoint's data state is for local files but this run streams --dataset-name; "
                 "resume with the same data source as the saved run"
             )
-        saved = (state["world_size"], state["readers_per_rank"])
-        if saved != (self.world_size, len(self.readers)) or state["rank"] != self.rank:
+        layout = (saved.world_size, saved.readers_per_rank)
+        if layout != (self.world_size, len(self.readers)) or saved.rank != self.rank:
             raise DataError(
-                f"the streaming data state was saved by {saved[0]} processes x {saved[1]} readers each "
+                f"the streaming data state was saved by {layout[0]} processes x {layout[1]} readers each "
                 f"(reader = max(1, --num-workers)); this run has {self.world_size} x {len(self.readers)}. "
                 "How a stream is split over readers depends on their number, so this cannot resume exactly. "
-                f"Resume on {saved[0]} processes with --num-workers {max(saved[1], 1) if saved[1] > 1 else '0 or 1'}, "
+                f"Resume on {layout[0]} processes with --num-workers {layout[1] if layout[1] > 1 else '0 or 1'}, "
                 "or use local files (--train-dir), whose data state does not depend on the number of processes."
             )
-        if state["source"] != self.source or state["seed"] != self.readers[0].plan.seed:
+        if saved.source != self.source or saved.seed != self.readers[0].plan.seed:
             raise DataError(
-                f"the streaming data state is for {state['source']!r} with seed {state['seed']}; this run streams "
+                f"the streaming data state is for {saved.source!r} with seed {saved.seed}; this run streams "
                 f"{self.source!r} with seed {self.readers[0].plan.seed}. Resume with the saved --dataset-name and --seed."
             )
-        self.states = [dict(s) for s in state["readers"]]
-        self.next = int(state["next"])
+        self.states = [dict(s) for s in saved.readers]
+        self.next = int(saved.next)
         self._it = None

@@ -20,6 +20,7 @@ import torch
 import transformers
 from torch import Tensor
 
+from mpnet_dist.export.errors import ExportVerificationError
 from mpnet_dist.model import MPNetForPretraining
 
 logger = logging.getLogger("mpnet_dist")
@@ -28,10 +29,6 @@ FP32_TOLERANCE = 1e-4  # times max(1, max |logit|)
 BF16_NATIVE_TOLERANCE = 0.05  # times max(1, max |logit|): bf16 has an 8-bit mantissa
 MAX_CHECK_LENGTH = 136  # long enough to reach the log-spaced buckets beyond distance 128
 SAMPLE_TEXT = "Export checks compare logits, not just shapes. Tokenizers must agree too."
-
-
-class ExportVerificationError(RuntimeError):
-    """The written folder does not reproduce the model; it must not be used."""
 
 
 def verify_export(
