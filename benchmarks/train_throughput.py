@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if v.kind == "hf"
         else step_flops.two_stream_step_flops(
-            args.batch, args.seq_len, p, args.layers, args.hidden, args.ffn, args.vocab
+            args.batch, args.seq_len, p, args.layers, args.hidden, args.ffn, args.vocab, v.kind == "before"
         )
         for v in variants
     }
