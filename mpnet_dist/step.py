@@ -177,11 +177,11 @@ def _optimizer_step(optimizer, agreed: _Agreed | None) -> None:
         return
     if _skips_on_device(optimizer):
         inner = _inner(optimizer)
-        inner.found_inf = agreed.bad
+        inner.found_inf = agreed.bad  # an fp16 GradScaler replaces it with its own (inf/NaN in the gradients)
         try:
             optimizer.step()
         finally:
-            del inner.found_inf
+            vars(inner).pop("found_inf", None)  # the GradScaler deletes it itself
     elif not agreed.values()[3] > 0:  # host check (read once, before the step)
         optimizer.step()
 

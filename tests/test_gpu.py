@@ -83,7 +83,7 @@ def test_attention_kernels_agree_with_sdpa_on_cuda(impl):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
-def test_compiled_step_matches_eager_and_reads_the_host_once(tiny_corpus, tmp_path):
+def test_compiled_training_matches_eager_on_cuda(tiny_corpus, tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     common = (*NO_DROPOUT, "--mixed-precision", "no", "--total-updates", "4", "--eval-interval-steps", "0")
     assert train(tiny_args(tiny_corpus, eager, *common)) == 0
