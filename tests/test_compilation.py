@@ -35,8 +35,10 @@ from tests.helpers import (
 )
 
 tiny_corpus = corpus.tiny_corpus
-# Inductor fuses elementwise chains and reorders fp32 sums; measured max difference over these runs: see below.
-COMPILED_LOSS_TOL = 1e-4
+# Inductor fuses elementwise chains and may reorder fp32 sums. Measured max loss differences against the eager
+# single process: 0 (Inductor, one process), 3.8e-7 (DDP and ZeRO-2, Inductor or aot_eager); the tolerance is
+# the one DDP itself gets against one process (tests/test_distributed.py, DDP_LOSS_TOL).
+COMPILED_LOSS_TOL = 1e-5
 
 
 def test_model_is_one_graph_forward_and_backward():
