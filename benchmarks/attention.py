@@ -6,7 +6,9 @@
 Cases, each forward + backward at the two-stream shape (T = L + 2p query rows, S = L + p keys):
   attention/<impl>  one layer's kernel.attend on q [B, nh, T, d], k/v [B, nh, S, d] with the shared mask,
                     for every kernel in ATTENTION_KERNELS (CPU: SDPA with a float mask takes the math
-                    path when dropout > 0; FlexAttention needs CUDA and torch.compile, not measured here)
+                    path when dropout > 0; flex has no dropout and no CPU backward: its CPU training
+                    path is PyTorch's reference implementation, measured at dropout 0)
+  inference/<impl>  the same forward only, under no_grad (flex: torch.compile's fused CPU kernel)
   bias/now          build_float_mask (relative-bias gather + two-stream mask), buckets from positions
   loss/now          prediction_loss over [B*p, V] logits
   bias/before, loss/before   the same functions as of git revision --before
@@ -28,7 +30,9 @@ from benchmarks import step_flops
 from benchmarks.train_throughput import load_before
 from mpnet_dist import loss as loss_module
 from mpnet_dist.model import attention as attention_module
+from mpnet_dist.model import layout as layout_module
 from mpnet_dist.model.config import MPNetConfig
+from mpnet_dist.model.layout import AttentionLayout
 from mpnet_dist.model.mpnet import SentenceEncoder
 
 
@@ -76,14 +80,21 @@ def bias_case(encoder: SentenceEncoder, positions: torch.Tensor, p: int, module)
 
     def run() -> None:
         if before is None:
-            buckets = encoder.buckets(content, rows)
+            cfg = encoder.config
+            buckets = layout_module.relative_buckets(
+                content, rows, cfg.max_positions, cfg.relative_attention_num_buckets,
+                cfg.relative_attention_max_distance,
+            )  # fmt: skip
         else:  # the old SentenceEncoder.buckets: the bucket function on every [B, T, S] distance
             cfg = encoder.config
             relative = content[:, None, :] - rows[:, :, None]
             buckets = before(
                 relative, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
             )
-        blocked = module.two_stream_mask(length, p, positions.device)[None]
+        masks = (
+            getattr(module, "two_stream_mask", None) or layout_module.two_stream_mask
+        )  # moved to layout.py
+        blocked = masks(length, p, positions.device)[None]
         mask = module.build_float_mask(table, buckets, blocked, row_multiple=16)
         mask.backward(upstream)
         table.zero_grad(set_to_none=True)
@@ -105,23 +116,31 @@ def loss_case(args: argparse.Namespace, p: int, prediction_loss) -> Callable[[],
 
 
 def attention_case(
-    args: argparse.Namespace, encoder: SentenceEncoder, positions: torch.Tensor, p: int, impl: str
+    args: argparse.Namespace,
+    encoder: SentenceEncoder,
+    positions: torch.Tensor,
+    p: int,
+    impl: str,
+    training: bool = True,
 ) -> Callable[[], None]:
     length = positions.shape[1] - 2 * p
     num_kv = length + p
-    content = positions[:, :num_kv]
-    buckets = encoder.buckets(content, torch.cat([content, content[:, length:]], dim=1))
-    blocked = attention_module.two_stream_mask(length, p, positions.device)[None]
+    layout = AttentionLayout.for_two_stream(positions, p, None, encoder.config)
     kernel = attention_module.get_kernel(impl)
     with torch.no_grad():
-        prepared = kernel.prepare(encoder.relative_attention_bias, buckets, blocked)
+        prepared = kernel.prepare(encoder.relative_attention_bias, layout)
     shape = (args.batch, args.heads, length + 2 * p, args.head_dim)
-    q = torch.randn(shape, requires_grad=True)
-    k = torch.randn(shape[0], shape[1], num_kv, shape[3], requires_grad=True)
-    v = torch.randn(shape[0], shape[1], num_kv, shape[3], requires_grad=True)
+    q = torch.randn(shape, requires_grad=training)
+    k = torch.randn(shape[0], shape[1], num_kv, shape[3], requires_grad=training)
+    v = torch.randn(shape[0], shape[1], num_kv, shape[3], requires_grad=training)
+    dropout = 0.0 if impl == "flex" or not training else args.dropout
 
     def run() -> None:
-        out = kernel.attend(q, k, v, prepared, args.dropout)
+        if not training:
+            with torch.no_grad():
+                kernel.attend(q, k, v, prepared, 0.0)
+            return
+        out = kernel.attend(q, k, v, prepared, dropout)
         out.backward(torch.ones_like(out))
 
     return run
@@ -133,12 +152,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"command: {shlex.join(['python', '-m', 'benchmarks.attention', *sys.argv[1:]])}")
     print(f"machine: {step_flops.machine_line(torch.device('cpu'))}")
+    print("note: the first inference/flex call compiles FlexAttention's CPU kernel (untimed warm-up)")
     print(f"start: {step_flops.load_line()}")
     encoder, positions, p = two_stream_inputs(args)
     cases = {
         f"attention/{impl}": attention_case(args, encoder, positions, p, impl)
         for impl in attention_module.ATTENTION_KERNELS
     }
+    for impl in attention_module.ATTENTION_KERNELS:
+        cases[f"inference/{impl}"] = attention_case(args, encoder, positions, p, impl, training=False)
     cases["bias/now"] = bias_case(encoder, positions, p, attention_module)
     cases["loss/now"] = loss_case(args, p, loss_module.prediction_loss)
     if args.before:

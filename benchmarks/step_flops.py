@@ -8,9 +8,11 @@ is 3x the forward. Per row (one sequence), H hidden, F ffn, n layers, V vocab:
     layer = 2*T*H*H (Q) + 4*S*H*H (K, V on the content rows only) + 2*T*S*H (QK^T) + 2*T*S*H (PV)
             + 2*T*H*H (out proj) + 4*T*H*F (FFN)
     head  = 2*p*H*H (dense) + 2*p*H*V (tied projection)
-  HF MPNetForMaskedLM: the same with T = S = L and the head on all L rows.
+    the last layer computes only the p query rows (T = p there; K, V still on S rows): its content rows
+    feed nothing. Revisions before that change computed every row of every layer (full_last_layer=True).
+  HF MPNetForMaskedLM: the same with T = S = L in every layer and the head on all L rows.
 
-  step FLOPs = 3 * B * (n * layer + head);  MFU = step FLOPs / step time / peak FLOP/s.
+  step FLOPs = 3 * B * ((n - 1) * layer + last layer + head);  MFU = step FLOPs / step time / peak FLOP/s.
 """
 
 from __future__ import annotations
@@ -38,10 +40,18 @@ def head_flops(rows: int, hidden: int, vocab: int) -> int:
 
 
 def two_stream_step_flops(
-    batch: int, length: int, pred: int, layers: int, hidden: int, ffn: int, vocab: int
+    batch: int,
+    length: int,
+    pred: int,
+    layers: int,
+    hidden: int,
+    ffn: int,
+    vocab: int,
+    full_last_layer: bool = False,
 ) -> int:
     rows, kv_rows = length + 2 * pred, length + pred
-    forward = layers * layer_flops(rows, kv_rows, hidden, ffn) + head_flops(pred, hidden, vocab)
+    last = layer_flops(rows if full_last_layer else pred, kv_rows, hidden, ffn)
+    forward = (layers - 1) * layer_flops(rows, kv_rows, hidden, ffn) + last + head_flops(pred, hidden, vocab)
     return 3 * batch * forward
 
 

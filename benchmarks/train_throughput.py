@@ -9,7 +9,10 @@ Variants (all built with the same sizes, same AdamW settings, clip 1.0, lr const
   hf                  transformers.MPNetForMaskedLM on the same L tokens per row, the same predicted
                       positions as labels (-100 elsewhere); HF runs its LM head on all L positions
   before[-sdpa|...]   ours, with mpnet_dist/model, loss.py and step.py as of git revision --before
+  ours-flex           --attn-impl flex (FlexAttention; needs --attention-dropout 0)
   <variant>+fused, <variant>+foreach   the same with torch.optim.AdamW(fused=True / foreach=True)
+  <variant>+compile   the model torch.compile'd in place as --compile does (mpnet_dist.compilation); the
+                      warm-up line reports the compile time separately from the timed steps
 Repetitions alternate the variants (rotating the order) so shared-machine load hits all of them alike;
 figures are medians over repetitions. tokens/s counts the L input tokens per row (no padding: packed).
 Peak memory comes from one fresh child process per variant: CUDA max_memory_allocated, or on CPU the
@@ -39,7 +42,9 @@ import transformers
 from accelerate import Accelerator
 
 from benchmarks import step_flops
+from mpnet_dist.compilation import compile_model
 from mpnet_dist.data.batch import MaskingSpec, count_predictions, make_mpnet_batch
+from mpnet_dist.host_memory import keep_freed_memory
 
 LR, CLIP, POOL = 1e-4, 1.0, 4  # POOL distinct batches cycled, so no step sees a cached input
 
@@ -54,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128, help="L, tokens per row")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout, both models")
+    p.add_argument(
+        "--attention-dropout", type=float, default=None, help="attention dropout if not --dropout (flex: 0)"
+    )
     p.add_argument(
         "--activation-dropout",
         type=float,
@@ -72,6 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="override the MFU denominator")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory children")
     p.add_argument("--profile", type=int, default=0, help="profile N steps of each variant, then exit")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of +compile variants")
+    p.add_argument(
+        "--host-allocator",
+        choices=("default", "kept"),
+        default="default",
+        help="kept: mpnet_dist.host_memory.keep_freed_memory() first, as the trainer does on CPU (process-wide: "
+        "it applies to every variant of the run; compare two runs)",
+    )
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -108,7 +124,15 @@ def load_before(rev: str) -> dict[str, object]:
     """The model, loss and step modules of `rev`, importable side by side with the working tree's."""
     root = Path(tempfile.mkdtemp(prefix="mpnet_before_")) / "mpnet_before"
     (root / "model").mkdir(parents=True)
-    files = {f"model/{n}.py": f"mpnet_dist/model/{n}.py" for n in ("config", "attention", "mpnet")}
+    listing = subprocess.run(
+        ["git", "ls-tree", "--name-only", rev, "mpnet_dist/model/"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    files = {
+        f"model/{Path(n).name}": n for n in listing if n.endswith(".py") and not n.endswith("__init__.py")
+    }
     files.update({"loss.py": "mpnet_dist/loss.py", "step.py": "mpnet_dist/step.py"})
     for target, source in files.items():
         text = subprocess.run(
@@ -134,8 +158,11 @@ class Variant:
         from mpnet_dist.optim import build_optimizer
 
         self.name, self.accelerator = name, accelerator
-        name, _, adamw = name.partition("+")  # "+fused" / "+foreach": AdamW implementation override
-        kind, _, impl = name.partition("-")
+        base, *mods = name.split("+")  # +fused / +foreach: AdamW implementation; +compile: torch.compile
+        if set(mods) - {"fused", "foreach", "compile"}:
+            raise SystemExit(f"unknown variant modifier in {name!r}: use +fused, +foreach, +compile")
+        adamw = next((m for m in mods if m in ("fused", "foreach")), None)
+        kind, _, impl = base.partition("-")
         modules = {"config": config_module, "mpnet": mpnet_module, "step": step_module}
         if kind == "before":
             modules = load_before(args.before)
@@ -146,7 +173,7 @@ class Variant:
             encoder_ffn_dim=args.ffn,
             encoder_attention_heads=args.heads,
             dropout=args.dropout,
-            attention_dropout=args.dropout,
+            attention_dropout=args.dropout if args.attention_dropout is None else args.attention_dropout,
             activation_dropout=args.activation_dropout,
             max_positions=max(512, args.seq_len),
             attn_impl=impl or "sdpa",
@@ -157,6 +184,8 @@ class Variant:
         else:
             model = modules["mpnet"].MPNetForPretraining(config)
         self.params = sum(p.numel() for p in model.parameters())
+        if "compile" in mods:  # in place, as the trainer does, before Accelerate wraps the model
+            compile_model(model, accelerator.device, backend=args.compile_backend)
         opt_cfg = argparse.Namespace(
             weight_decay=0.01, lr=LR, warmup_updates=0, total_updates=1, end_learning_rate=LR, power=1.0,
             beta1=0.9, beta2=0.98, adam_eps=1e-6, resolved_warmup=lambda: 0,
@@ -169,11 +198,16 @@ class Variant:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.model.train()
         self.train_step = modules["step"].train_step
+        settings = getattr(modules["step"], "StepSettings", None)  # steps that do not log: no norm read
+        self.step_settings = settings(LR, CLIP, read_grad_norm=False) if settings else None
         self.step: Callable[[dict], None] = self.hf_step if kind == "hf" else self.ours_step
-        self.name, self.kind = (f"{name}+{adamw}" if adamw else name), kind
+        self.kind, self.first_steps_s = kind, 0.0
 
     def ours_step(self, batch: dict) -> None:
-        self.train_step(self.accelerator, self.model, self.optimizer, [batch], LR, CLIP, False)
+        if self.step_settings is None:  # a --before revision from before StepSettings
+            self.train_step(self.accelerator, self.model, self.optimizer, [batch], LR, CLIP, False)
+        else:
+            self.train_step(self.accelerator, self.model, self.optimizer, [batch], self.step_settings)
 
     def hf_step(self, batch: dict) -> None:
         """What a user of HF would run: mean CE over labelled tokens, backward, clip, AdamW."""
@@ -244,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.host_allocator == "kept" and not keep_freed_memory():
+        raise SystemExit("--host-allocator kept needs glibc")
     if args.memory_child:
         memory_child(args)
         return
@@ -265,12 +301,17 @@ def main(argv: list[str] | None = None) -> None:
         )
         if v.kind == "hf"
         else step_flops.two_stream_step_flops(
-            args.batch, args.seq_len, p, args.layers, args.hidden, args.ffn, args.vocab
+            args.batch, args.seq_len, p, args.layers, args.hidden, args.ffn, args.vocab, v.kind == "before"
         )
         for v in variants
     }
     for v in variants:
-        run_steps(v, batches_of[v.name], args.warmup, 0, device)
+        start = time.perf_counter()
+        run_steps(v, batches_of[v.name], args.warmup, 0, device)  # includes compilation for +compile
+        v.first_steps_s = time.perf_counter() - start
+        print(f"warm-up {v.name}: {args.warmup} step(s) in {v.first_steps_s:.1f} s", flush=True)
+    for v in variants:  # again, untimed: a compiled variant may recompile after another variant compiled
+        run_steps(v, batches_of[v.name], 1, 0, device)
     if args.profile:
         profile(variants, batches_of, args.profile, device)
         return
@@ -351,6 +392,11 @@ def report(args, argv, variants, times, flops, gemm_peaks, p, device) -> None:
             f"| {tokens / w:,.0f} | {flops[v.name] / w / peak_wall:.1%} {cpu_cells}"
             f"| {flops[v.name] / 1e12:.4f} | {mem} |"
         )
+    for v in variants:
+        if "compile" in v.name.split("+")[1:]:
+            print(
+                f"compile: {v.name} warm-up ({args.warmup} step(s), compilation included) {v.first_steps_s:.1f} s"
+            )
     base = args.baseline
     if base not in times:
         return

@@ -49,7 +49,12 @@ class TrainConfig:
     relative_attention_max_distance: int | None = _opt(
         None, "Relative-position max distance (default 128; HF MPNet only supports 128)."
     )
-    attn_impl: str = _opt("sdpa", "Attention implementation.", choices=("sdpa", "eager"))
+    attn_impl: str = _opt(
+        "sdpa",
+        "Attention implementation: sdpa, eager, or flex (FlexAttention; needs --attention-dropout 0, trains "
+        "fused on CUDA only).",
+        choices=("sdpa", "eager", "flex"),
+    )
     # --- tokenizer and data ---
     tokenizer_name: str = _opt(
         "microsoft/mpnet-base",
@@ -86,6 +91,11 @@ class TrainConfig:
         None, f"Where tokenized block caches go (default ${CACHE_ENV}, else {DEFAULT_CACHE_DIR})."
     )
     num_workers: int = _opt(0, "DataLoader worker processes per rank.")
+    prefetch_steps: int = _opt(
+        1,
+        "Optimizer steps of micro-batches built ahead in a background thread (on CUDA also pinned and copied "
+        "to the GPU) while the current step runs; 0: build them in the step.",
+    )
     # --- optimization ---
     total_updates: int = _opt(10000, "Optimizer steps to train.")
     warmup_updates: int | None = _opt(
@@ -110,7 +120,16 @@ class TrainConfig:
         None, "no, bf16 or fp16 (default: bf16 on CUDA, no on CPU).", choices=("no", "bf16", "fp16")
     )
     gradient_checkpointing: bool = _opt(False, "Recompute layer activations in backward to save memory.")
-    compile: bool = _opt(False, "torch.compile the model.")
+    compile: bool = _opt(
+        False,
+        "torch.compile the whole model (forward and backward); the first step includes the compile time.",
+    )
+    compile_backend: str = _opt(
+        "inductor",
+        "torch.compile backend for --compile: inductor (generates fused kernels), or aot_eager / eager to tell "
+        "a compiler problem from a model one (graphs captured, no code generated).",
+        choices=("inductor", "aot_eager", "eager"),
+    )
     seed: int = _opt(12345, "Random seed (model init, data order, masks).")
     # --- evaluation, checkpoints, logging ---
     eval_interval_steps: int | None = _opt(
@@ -246,6 +265,7 @@ class TrainConfig:
             "total_updates",
             "eval_samples",
             "num_workers",
+            "prefetch_steps",
             "min_text_length",
             "max_nonfinite_skips",
             "fill_mask_demo",
@@ -260,6 +280,11 @@ class TrainConfig:
         files = [self.train_dir, self.valid_file, self.test_file]
         if any(files) and not all(files):
             problems.append("--train-dir, --valid-file and --test-file must be given together")
+        if self.attn_impl == "flex" and self.attention_dropout > 0:
+            problems.append(
+                f"{flag('attn_impl')} flex has no attention dropout: add {flag('attention_dropout')} 0 "
+                f"(got {self.attention_dropout}), or keep {flag('attn_impl')} sdpa"
+            )
         if self.resume_checkpoint and not self.resume:
             self.resume = True  # naming a checkpoint is an unambiguous request to resume
         if self.hf_model_path and self.resume:

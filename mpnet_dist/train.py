@@ -28,18 +28,21 @@ from mpnet_dist.checkpoint import (
     step_name,
 )
 from mpnet_dist.command import run_command
+from mpnet_dist.compilation import check_compile_supported, compile_model, log_compile_time
 from mpnet_dist.config import TrainConfig, parse_config
 from mpnet_dist.data.pipeline import Data
+from mpnet_dist.data.prefetch import Prefetcher
 from mpnet_dist.data.unigram import unigram_loss
 from mpnet_dist.distributed import build_accelerator, describe, zero_stage
 from mpnet_dist.errors import UserError
+from mpnet_dist.host_memory import keep_freed_memory
 from mpnet_dist.metrics import LogWindow, MetricsWriter, console_line, setup_logging
 from mpnet_dist.model_setup import build_model
 from mpnet_dist.nodes import join, report_failure
 from mpnet_dist.optim import build_optimizer, lr_at
 from mpnet_dist.plot import refresh_curves
 from mpnet_dist.run_folder import claim_run_folder, decide_on_rank_zero, prepare_run_folder
-from mpnet_dist.step import NonFiniteLossError, StepResult, evaluate, train_step
+from mpnet_dist.step import NonFiniteLossError, StepResult, StepSettings, evaluate, train_step
 from mpnet_dist.stopping import PREEMPTED_MARKER, StopSignal, stop_with_launcher
 
 logger = logging.getLogger("mpnet_dist")
@@ -101,6 +104,7 @@ class Loop:
     # within this process only
     last_eval_step: int = -1
     nonfinite_run: int = 0  # consecutive skipped (NaN/Inf) steps
+    compiled: bool = False  # --compile: the first step (which compiles) has run and its time was logged
     window: LogWindow = field(default_factory=LogWindow)
     stop: StopSignal | None = None
     bar: Any = None
@@ -127,6 +131,8 @@ def build_loop(cfg: TrainConfig) -> Loop:
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.is_main_process, cfg.debug)
     logger.info("mpnet-dist %s: %s", __version__, describe(accelerator))
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()
     # Before anything slow: refuse a folder holding another run, a damaged checkpoint (rank 0 decides).
     resume_from = decide_on_rank_zero(accelerator, lambda: claim_run_folder(cfg))
     if cfg.resume and resume_from is None:
@@ -151,7 +157,8 @@ def build_loop(cfg: TrainConfig) -> Loop:
     data = build_data(cfg, tokenizer, accelerator.process_index, accelerator.num_processes)
     logger.info("data: %s", data.source_info)
     if cfg.compile:
-        model.compile()
+        check_compile_supported(zero_stage(accelerator))
+        compile_model(model, accelerator.device, cfg.compile_backend)
     model, optimizer = accelerator.prepare(model, optimizer)
     run_info = {
         "model_config": accelerator.unwrap_model(model).config.to_dict(),
@@ -203,12 +210,18 @@ def _train_loop(loop: Loop) -> int:
         dynamic_ncols=True,
         leave=False,
     )
+    if loop.cfg.prefetch_steps:  # after the restore: it starts from the source's restored position
+        loop.data.train = Prefetcher(
+            loop.data.train, loop.cfg.prefetch_steps * loop.cfg.update_freq, loop.accelerator.device
+        )
     try:
         with logging_redirect_tqdm([logger]):  # log lines go above the bar instead of onto its line
             return _run_steps(loop)
     finally:
         loop.bar.close()
         loop.stop.close()
+        if isinstance(loop.data.train, Prefetcher):
+            loop.data.train.close()
 
 
 def _run_steps(loop: Loop) -> int:
@@ -244,10 +257,13 @@ def _step(loop: Loop) -> StepResult:
     lr = lr_at(
         loop.step + 1, cfg.lr, cfg.resolved_warmup(), cfg.total_updates, cfg.end_learning_rate, cfg.power
     )
-    result = train_step(
-        loop.accelerator, loop.model, loop.optimizer, micro_batches, lr, cfg.clip_grad_norm, loop.stop.poll()
-    )
+    logs = (loop.step + 1) % cfg.logging_steps == 0 or loop.step + 1 == cfg.total_updates
+    settings = StepSettings(lr, cfg.clip_grad_norm, stop_vote=loop.stop.poll(), read_grad_norm=logs)
+    result = train_step(loop.accelerator, loop.model, loop.optimizer, micro_batches, settings)
     seconds = time.perf_counter() - started
+    if cfg.compile and not loop.compiled:  # this process compiled during this step
+        log_compile_time(seconds)
+        loop.compiled = True
     loop.step += 1
     loop.tokens += result.n_tokens_global
     loop.pred_tokens += result.n_pred_global

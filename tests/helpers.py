@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from mpnet_dist.config import parse_config
@@ -27,6 +28,7 @@ from mpnet_dist.export.check import check_batch
 from mpnet_dist.export.weights import load_checkpoint_model
 from mpnet_dist.metrics import read_metrics
 from mpnet_dist.model import MPNetConfig, MPNetForPretraining
+from mpnet_dist.optim import build_optimizer
 from mpnet_dist.train import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +108,21 @@ def tiny_model(seed: int = 0, **overrides) -> MPNetForPretraining:
     return model.eval()
 
 
+PAD = 1
+TOKENIZER_VOCAB = 100  # ids drawn below this; the model's vocab is padded to 128
+
+
+def random_batch(batch: int, seq_len: int, p: int, seed: int = 0):
+    """A two-stream batch without padding: input_ids, positions [B, L+2p] (last p tokens predicted)."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(5, TOKENIZER_VOCAB, (batch, seq_len), generator=gen)
+    perm = torch.stack([torch.randperm(seq_len, generator=gen) for _ in range(batch)])
+    masked = torch.randint(3, TOKENIZER_VOCAB, (batch, p), generator=gen)
+    input_ids = torch.cat([tokens, masked, masked], dim=1)  # [B, L+2p]
+    positions = torch.cat([perm, perm[:, -p:], perm[:, -p:]], dim=1)  # [B, L+2p]
+    return input_ids, positions
+
+
 # ---- training in this process -------------------------------------------------------------------------------
 
 
@@ -116,6 +133,25 @@ def reset_accelerate() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def step_micro_batches(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """`count` micro-batches of 3 two-stream rows (L=12, p=4) for train_step."""
+    batches = []
+    for index in range(count):
+        input_ids, positions = random_batch(3, 12, 4, seed=seed + index)
+        batches.append({"input_ids": input_ids, "positions": positions, "targets": input_ids[:, -4:].clone()})
+    return batches
+
+
+def prepared_step(update_freq: int, cpu: bool = True):
+    """(accelerator, tiny model, fused AdamW), prepared for train_step with `update_freq` micro-batches."""
+    reset_accelerate()
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=update_freq)
+    model = tiny_model().train()
+    optimizer = build_optimizer(model, parse_config(["--lr", "0.01", "--total-updates", "10"]))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model, optimizer
 
 
 def tiny_args(corpus, run_dir: Path, *extra: str) -> list[str]:

@@ -8,11 +8,9 @@ import pytest
 import torch
 
 from mpnet_dist.model import MPNetConfig, MPNetForPretraining
-from mpnet_dist.model.attention import SDPAKernel, two_stream_mask
-from tests.helpers import tiny_config, tiny_model
-
-PAD = 1
-TOKENIZER_VOCAB = 100  # ids drawn below this; the model's vocab is padded to 128
+from mpnet_dist.model.attention import build_float_mask
+from mpnet_dist.model.layout import two_stream_mask
+from tests.helpers import PAD, TOKENIZER_VOCAB, random_batch, tiny_config, tiny_model
 
 
 def two_stream_row(tokens: list[int], positions: list[int], masked: list[int], p: int):
@@ -20,16 +18,6 @@ def two_stream_row(tokens: list[int], positions: list[int], masked: list[int], p
     ids = tokens + masked + masked
     pos = positions + positions[-p:] + positions[-p:]
     return torch.tensor(ids), torch.tensor(pos)
-
-
-def random_batch(batch: int, seq_len: int, p: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(5, TOKENIZER_VOCAB, (batch, seq_len), generator=gen)
-    perm = torch.stack([torch.randperm(seq_len, generator=gen) for _ in range(batch)])
-    masked = torch.randint(3, TOKENIZER_VOCAB, (batch, p), generator=gen)
-    input_ids = torch.cat([tokens, masked, masked], dim=1)  # [B, L+2p]
-    positions = torch.cat([perm, perm[:, -p:], perm[:, -p:]], dim=1)  # [B, L+2p]
-    return input_ids, positions
 
 
 def allowed_by_rules(row: int, col: int, seq_len: int, p: int) -> bool:
@@ -277,7 +265,7 @@ def test_sdpa_mask_rows_are_aligned():
     # SDPA's memory-efficient CUDA kernel re-pads (copies) an unaligned mask on every layer.
     table = torch.nn.Embedding(32, 4)
     buckets = torch.randint(0, 32, (2, 13, 9))
-    mask = SDPAKernel().prepare(table, buckets, torch.zeros(1, 13, 9, dtype=torch.bool))
+    mask = build_float_mask(table, buckets, torch.zeros(1, 13, 9, dtype=torch.bool), row_multiple=16)
     assert mask.shape == (2, 4, 13, 9)
     assert mask.stride(-1) == 1 and all(stride % 16 == 0 for stride in mask.stride()[:-1])
     torch.testing.assert_close(mask, table(buckets).permute(0, 3, 1, 2), atol=0, rtol=0)

@@ -1,14 +1,13 @@
-"""Relative-position self-attention for MPNet: buckets, two-stream masks and attention kernels.
+"""Relative-position self-attention for MPNet and its attention kernels.
 
-A kernel turns (bucket indices, bias table, blocked pairs) into whatever it needs once per forward
-(`prepare`) and then attends once per layer (`attend`). SDPA and eager share a materialized float
-mask; a FlexAttention kernel can instead keep the buckets and build a score_mod and a block mask.
+A kernel turns an `AttentionLayout` (positions, two-stream rules, padding) and the bias table into whatever
+it needs once per forward (`prepare`), narrows that to the last rows when a layer only needs some query rows
+(`rows_from`), and attends once per layer (`attend`). SDPA and eager share a materialized float mask; the
+FlexAttention kernel (model/flex.py) keeps positions and builds a score_mod and a block mask.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, Protocol
 
 import torch
@@ -16,108 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MPNetConfig
-
-
-def relative_position_bucket(relative_position: Tensor, num_buckets: int, max_distance: int) -> Tensor:
-    """T5-style bidirectional buckets of (key - query) distances, as fairseq MPNet and HF compute them."""
-    half = num_buckets // 2
-    n = -relative_position
-    bucket = (n < 0).long() * half  # keys after the query go to the upper half
-    n = n.abs()
-    max_exact = half // 2
-    # clamp only keeps log() finite for n = 0; those entries take the exact branch below
-    log_ratio = torch.log(n.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
-    large = max_exact + (log_ratio * (half - max_exact)).long()
-    large = large.clamp(max=half - 1)
-    return bucket + torch.where(n < max_exact, n, large)
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_bucket_lut(
-    max_positions: int, num_buckets: int, max_distance: int, device: torch.device
-) -> Tensor:
-    distance = torch.arange(1 - max_positions, max_positions, device=device)
-    return relative_position_bucket(distance, num_buckets, max_distance)
-
-
-def relative_buckets(
-    key_positions: Tensor, query_positions: Tensor, max_positions: int, num_buckets: int, max_distance: int
-) -> Tensor:
-    """[B, S] and [B, T] positions in [0, max_positions) -> [B, T, S] buckets of (key - query).
-
-    The same values as relative_position_bucket on the [B, T, S] distances, read from a cached table of
-    every possible distance: one subtraction and one gather instead of ~15 elementwise passes.
-    """
-    lut_args = (max_positions, num_buckets, max_distance, key_positions.device)
-    lut = (
-        _cached_bucket_lut.__wrapped__(*lut_args)
-        if torch.compiler.is_compiling()
-        else _cached_bucket_lut(*lut_args)
-    )
-    relative = key_positions[:, None, :] - query_positions[:, :, None]  # [B, T, S]
-    return lut[relative + (max_positions - 1)]
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_two_stream_mask(seq_len: int, pred_size: int, device: torch.device) -> Tensor:
-    return build_two_stream_mask(seq_len, pred_size, device)
-
-
-def two_stream_mask(seq_len: int, pred_size: int, device: torch.device) -> Tensor:
-    """Cached `build_two_stream_mask`; the result is shared, never modify it in place."""
-    if torch.compiler.is_compiling():
-        return build_two_stream_mask(seq_len, pred_size, device)
-    return _cached_two_stream_mask(seq_len, pred_size, device)
-
-
-def build_two_stream_mask(seq_len: int, pred_size: int, device: torch.device) -> Tensor:
-    """Blocked (True) query/key pairs of both streams: [L+2p, L+p].
-
-    Rows: content stream (L permuted tokens, then the first mask copy), then the query stream.
-    Columns: the content stream, i.e. [non-predicted (L-p) | predicted (p) | mask copy (p)].
-    """
-    L, p = seq_len, pred_size
-    n = L - p
-    ones = torch.ones(p, p, dtype=torch.bool, device=device)
-    mask = torch.zeros(L + 2 * p, L + p, dtype=torch.bool, device=device)
-    mask[:n, n:L] = True  # non-predicted rows never see a predicted token
-    mask[n:L, n:L] = ones.triu(1)  # predicted row i sees predicted j <= i
-    mask[n:L, L:] = ones.tril(0)  # ... and mask slots j > i
-    mask[L : L + p, n:L] = True  # mask-slot rows never see a predicted token
-    mask[L + p :, n:L] = ones.triu(0)  # query row i sees predicted j < i
-    mask[L + p :, L:] = ones.tril(-1)  # ... and mask slots j >= i
-    return mask
-
-
-def block_padding(query_pad: Tensor, key_pad: Tensor, blocked: Tensor | None = None) -> Tensor:
-    """Block padded keys for real queries: [B, T, S].
-
-    Padded queries may see padded keys: every row is structurally allowed its own slot (a query row
-    its mask copy), so no row ends up fully blocked. An all -inf row is NaN in softmax, and the NaN
-    would reach the weights through backward even when that row's loss is ignored.
-    """
-    pad_pairs = key_pad[:, None, :] & ~query_pad[:, :, None]  # [B, T, S]
-    return pad_pairs if blocked is None else pad_pairs | blocked
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_sequential_buckets(
-    seq_len: int, num_buckets: int, max_distance: int, device: torch.device
-) -> Tensor:
-    index = torch.arange(seq_len, device=device)
-    return relative_position_bucket(index[None, :] - index[:, None], num_buckets, max_distance)[None]
-
-
-def sequential_buckets(seq_len: int, num_buckets: int, max_distance: int, device: torch.device) -> Tensor:
-    """Buckets for positions 0..L-1 (what HF MPNet always uses): [1, L, L]."""
-    if torch.compiler.is_compiling():
-        return _cached_sequential_buckets.__wrapped__(seq_len, num_buckets, max_distance, device)
-    return _cached_sequential_buckets(seq_len, num_buckets, max_distance, device)
+from .flex import FlexKernel
+from .layout import AttentionLayout
 
 
 class AttentionKernel(Protocol):
-    def prepare(self, table: nn.Embedding, buckets: Tensor, blocked: Tensor | None) -> Any:
-        """Once per forward: buckets [B|1, T, S] long, blocked [B|1, T, S] bool or None."""
+    def prepare(self, table: nn.Embedding, layout: AttentionLayout) -> Any:
+        """Once per forward: the bias table [nb, nh] as a module (call it, for ZeRO-3 and hooks)."""
+
+    def rows_from(self, prepared: Any, start: int) -> Any:
+        """`prepared` for query rows start.. only (keys unchanged); once per forward."""
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Any, dropout_p: float) -> Tensor:
         """Once per layer: q [B, nh, T, d], k/v [B, nh, S, d] -> [B, nh, T, d]."""
@@ -176,8 +83,12 @@ class _GatherBias(torch.autograd.Function):
 
 
 class SDPAKernel:
-    def prepare(self, table: nn.Embedding, buckets: Tensor, blocked: Tensor | None) -> Tensor:
-        return build_float_mask(table, buckets, blocked, row_multiple=16)
+    def prepare(self, table: nn.Embedding, layout: AttentionLayout) -> Tensor:
+        device = table.weight.device
+        return build_float_mask(table, layout.buckets(device), layout.blocked(device), row_multiple=16)
+
+    def rows_from(self, prepared: Tensor, start: int) -> Tensor:
+        return prepared[:, :, start:]  # a view; row starts stay aligned
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Tensor, dropout_p: float) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=prepared.to(q.dtype), dropout_p=dropout_p)
@@ -186,8 +97,12 @@ class SDPAKernel:
 class EagerKernel:
     """Plain reference path: scores + bias, softmax in fp32."""
 
-    def prepare(self, table: nn.Embedding, buckets: Tensor, blocked: Tensor | None) -> Tensor:
-        return build_float_mask(table, buckets, blocked)
+    def prepare(self, table: nn.Embedding, layout: AttentionLayout) -> Tensor:
+        device = table.weight.device
+        return build_float_mask(table, layout.buckets(device), layout.blocked(device))
+
+    def rows_from(self, prepared: Tensor, start: int) -> Tensor:
+        return prepared[:, :, start:]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Tensor, dropout_p: float) -> Tensor:
         scores = torch.matmul(q, k.transpose(-1, -2)) * q.size(-1) ** -0.5 + prepared  # [B, nh, T, S]
@@ -197,7 +112,11 @@ class EagerKernel:
         return torch.matmul(probs, v)
 
 
-ATTENTION_KERNELS: dict[str, AttentionKernel] = {"sdpa": SDPAKernel(), "eager": EagerKernel()}
+ATTENTION_KERNELS: dict[str, AttentionKernel] = {
+    "sdpa": SDPAKernel(),
+    "eager": EagerKernel(),
+    "flex": FlexKernel(),
+}
 
 
 def get_kernel(attn_impl: str) -> AttentionKernel:
@@ -221,15 +140,18 @@ class RelativeSelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, num_kv: int, prepared: Any, kernel: AttentionKernel) -> Tensor:
-        """x [B, T, H]; keys/values are x[:, :num_kv]."""
-        batch, rows, dim = x.shape
-        if num_kv == rows:
+    def forward(
+        self, x: Tensor, num_kv: int, prepared: Any, kernel: AttentionKernel, first_row: int = 0
+    ) -> Tensor:
+        """x [B, T, H]; keys/values are x[:, :num_kv]; queries x[:, first_row:] -> [B, T - first_row, H]."""
+        batch, _, dim = x.shape
+        if num_kv == x.size(1) and first_row == 0:
             q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         else:
-            q = F.linear(x, self.in_proj_weight[:dim], self.in_proj_bias[:dim])  # [B, T, H]
+            q = F.linear(x[:, first_row:], self.in_proj_weight[:dim], self.in_proj_bias[:dim])  # [B, T', H]
             kv = F.linear(x[:, :num_kv], self.in_proj_weight[dim:], self.in_proj_bias[dim:])
             k, v = kv.chunk(2, dim=-1)  # [B, S, H] each
+        rows = q.size(1)
         q = q.view(batch, rows, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, T, d]
         k = k.view(batch, num_kv, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, S, d]
         v = v.view(batch, num_kv, self.num_heads, self.head_dim).transpose(1, 2)

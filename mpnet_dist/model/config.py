@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ACTIVATIONS = ("gelu", "relu", "silu", "gelu_tanh")
-ATTN_IMPLS = ("sdpa", "eager")
+ATTN_IMPLS = ("sdpa", "eager", "flex")
 
 
 @dataclass
@@ -45,6 +45,11 @@ class MPNetConfig:
             _require(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
         _require(self.activation_fn in ACTIVATIONS, "activation_fn", f"must be one of {ACTIVATIONS}")
         _require(self.attn_impl in ATTN_IMPLS, "attn_impl", f"must be one of {ATTN_IMPLS}")
+        _require(
+            self.attn_impl != "flex" or self.attention_dropout == 0.0,
+            "attn_impl",
+            "'flex' needs attention_dropout 0 (FlexAttention has no attention dropout)",
+        )
         _require(self.max_positions >= 1, "max_positions", "must be >= 1")
         _require(
             0 <= self.padding_idx < self.vocab_size,

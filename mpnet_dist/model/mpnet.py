@@ -11,16 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import (
-    AttentionKernel,
-    RelativeSelfAttention,
-    block_padding,
-    get_kernel,
-    relative_buckets,
-    sequential_buckets,
-    two_stream_mask,
-)
+from .attention import AttentionKernel, RelativeSelfAttention, get_kernel
 from .config import MPNetConfig
+from .layout import AttentionLayout
 
 INIT_STD = 0.02
 
@@ -51,11 +44,14 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.activation_dropout = nn.Dropout(config.activation_dropout)
 
-    def forward(self, x: Tensor, num_kv: int, prepared: Any, kernel: AttentionKernel) -> Tensor:
-        residual = x
+    def forward(
+        self, x: Tensor, num_kv: int, prepared: Any, kernel: AttentionKernel, first_row: int = 0
+    ) -> Tensor:
+        """x [B, T, H] -> [B, T - first_row, H]: rows before first_row are only keys/values here."""
+        residual = x[:, first_row:]
         if self.normalize_before:
             x = self.self_attn_layer_norm(x)
-        x = residual + self.dropout(self.self_attn(x, num_kv, prepared, kernel))
+        x = residual + self.dropout(self.self_attn(x, num_kv, prepared, kernel, first_row))
         if not self.normalize_before:
             x = self.self_attn_layer_norm(x)
 
@@ -96,27 +92,28 @@ class SentenceEncoder(nn.Module):
         x = self.embed_tokens(input_ids) + self.embed_positions(position_rows)
         return self.dropout(self.emb_layer_norm(x))
 
-    def buckets(self, key_positions: Tensor, query_positions: Tensor) -> Tensor:
-        """[B, S] and [B, T] positions -> [B, T, S] bucket ids of (key - query)."""
-        cfg = self.config
-        return relative_buckets(
-            key_positions,
-            query_positions,
-            cfg.max_positions,
-            cfg.relative_attention_num_buckets,
-            cfg.relative_attention_max_distance,
-        )
+    def run_layers(self, x: Tensor, num_kv: int, layout: AttentionLayout, output_from: int = 0) -> Tensor:
+        """x [B, T, H] -> [B, T - output_from, H]: only rows output_from.. of the last layer are computed.
 
-    def run_layers(self, x: Tensor, num_kv: int, buckets: Tensor, blocked: Tensor | None) -> Tensor:
+        The last layer's other rows feed nothing (its keys and values come from its input), so the
+        two-stream forward skips them: their query projection, attention rows, FFN and LayerNorms.
+        """
         kernel = get_kernel(self.config.attn_impl)
         # The bias (and mask) is built once per forward and shared by every layer.
-        prepared = kernel.prepare(self.relative_attention_bias, buckets, blocked)
+        prepared = kernel.prepare(self.relative_attention_bias, layout)
+        last_prepared = kernel.rows_from(prepared, output_from) if output_from else prepared
         use_checkpoint = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            args = (
+                (x, num_kv, prepared, kernel)
+                if index < last
+                else (x, num_kv, last_prepared, kernel, output_from)
+            )
             if use_checkpoint:
-                x = checkpoint(layer, x, num_kv, prepared, kernel, use_reentrant=False)
+                x = checkpoint(layer, *args, use_reentrant=False)
             else:
-                x = layer(x, num_kv, prepared, kernel)
+                x = layer(*args)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         return x
@@ -131,17 +128,11 @@ class SentenceEncoder(nn.Module):
             raise ValueError(f"pred_size={pred_size} does not fit a two-stream row of {total} slots")
         num_kv = seq_len + pred_size
         x = self.embed(input_ids, positions + (self.config.padding_idx + 1))  # [B, L+2p, H]
-
+        if pred_size == 0:
+            return x[:, num_kv:]  # no query stream
         # Bias from the permuted positions; query rows take the rows of the first mask copy.
-        content_positions = positions[:, :num_kv]  # [B, L+p]
-        row_positions = torch.cat([content_positions, content_positions[:, seq_len:]], dim=1)
-        buckets = self.buckets(content_positions, row_positions)  # [B, L+2p, L+p]
-
-        blocked = two_stream_mask(seq_len, pred_size, input_ids.device)[None]  # [1, L+2p, L+p]
-        if padding_mask is not None:
-            blocked = block_padding(padding_mask, padding_mask[:, :num_kv], blocked)  # [B, L+2p, L+p]
-        x = self.run_layers(x, num_kv, buckets, blocked)
-        return x[:, num_kv:]
+        layout = AttentionLayout.for_two_stream(positions, pred_size, padding_mask, self.config)
+        return self.run_layers(x, num_kv, layout, output_from=num_kv)  # [B, p, H]
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         """HF MPNetModel conventions -> [B, L, H]."""
@@ -150,18 +141,9 @@ class SentenceEncoder(nn.Module):
         # HF's rule: real tokens count up from padding_idx + 1, padding sits at row padding_idx.
         position_rows = torch.cumsum(not_pad, dim=1) * not_pad + pad_idx
         x = self.embed(input_ids, position_rows)
-        cfg = self.config
-        buckets = sequential_buckets(
-            input_ids.size(1),
-            cfg.relative_attention_num_buckets,
-            cfg.relative_attention_max_distance,
-            input_ids.device,
-        )  # [1, L, L]
-        blocked = None
-        if attention_mask is not None:
-            pad = attention_mask == 0  # [B, L]
-            blocked = block_padding(pad, pad)
-        return self.run_layers(x, input_ids.size(1), buckets, blocked)
+        padding = None if attention_mask is None else attention_mask == 0  # [B, L]
+        layout = AttentionLayout.for_sequence(input_ids.size(1), padding, self.config)
+        return self.run_layers(x, input_ids.size(1), layout)
 
 
 class LMHead(nn.Module):
