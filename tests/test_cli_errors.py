@@ -239,8 +239,8 @@ def test_unknown_command_and_version(capsys):
         main(["trian"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        "mpnet-dist: error: unknown command 'trian'; the commands are train, launch, export, tokenizer "
-        "(mpnet-dist --help)"
+        "mpnet-dist: error: unknown command 'trian'; the commands are train, launch, export, eval, fill-mask, "
+        "plot, tokenizer, network (mpnet-dist --help)"
     )
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])

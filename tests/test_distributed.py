@@ -303,6 +303,13 @@ def test_a_checkpoint_that_cannot_be_converted_names_the_ways_forward(runs, tiny
     shutil.copytree(runs["zero2"] / "step-00000003", damaged)
     (damaged / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(
+        CheckpointError, match=r"zero_pp_rank_1_mp_rank_00_optim_states.pt: missing.*incomplete"
+    ):
+        train(
+            _args(tiny_corpus, tmp_path / "out", "--resume-checkpoint", str(damaged))
+        )  # the manifest's check
+    _rewrite_manifest(damaged)  # as if the file had never been written: now the conversion itself must fail
+    with pytest.raises(
         CheckpointError, match=r"could not convert .*Resume with the launch config.*mpnet-dist export"
     ):
         train(_args(tiny_corpus, tmp_path / "out", "--resume-checkpoint", str(damaged)))
@@ -317,9 +324,20 @@ def test_a_planted_pickle_is_refused_during_conversion(runs, tiny_corpus, tmp_pa
     shard = planted / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     marker = tmp_path / "pwned"
     torch.save({**torch.load(shard, weights_only=False), "planted": _Plant(str(marker))}, shard)
+    _rewrite_manifest(planted)  # planted with a matching manifest: the weights-only load must still refuse it
     with pytest.raises(CheckpointError, match="--trust-checkpoint"):
         train(_args(tiny_corpus, tmp_path / "out", "--resume-checkpoint", str(planted)))
     assert not marker.exists()
+
+
+def _rewrite_manifest(folder: Path) -> None:
+    """Make train_state.json's manifest describe the folder as it now is (what a careful attacker would do)."""
+    from mpnet_dist.checkpoint.integrity import build_manifest
+
+    state_file = folder / "train_state.json"
+    state = json.loads(state_file.read_text())
+    state["manifest"] = build_manifest(folder)
+    state_file.write_text(json.dumps(state))
 
 
 class _Plant:

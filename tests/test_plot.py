@@ -81,9 +81,12 @@ def test_cli_writes_png_and_refuses_a_folder_without_metrics(tmp_path, capsys):
     assert len(err) == 1 and "empty" in err[0] and "metrics.jsonl" in err[0]
 
 
-def test_refresh_never_raises_and_warns_once(tmp_path, caplog):
+def test_refresh_never_raises_and_warns_once(tmp_path, caplog, monkeypatch):
+    import logging
+
     import mpnet_dist.plot as plot_module
 
+    monkeypatch.setattr(logging.getLogger("mpnet_dist"), "propagate", True)  # setup_logging may have cut it
     plot_module._warned = False
     (tmp_path / "metrics.jsonl").write_text("{not json\n")
     with caplog.at_level("WARNING", logger="mpnet_dist"):
