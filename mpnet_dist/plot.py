@@ -113,7 +113,8 @@ def _notes(ax: Any, runs: dict[str, list[dict[str, Any]]]) -> None:
             continue
         last, baseline = valid[-1], unigram_baseline(records)
         gap = f", {last['loss'] - baseline:+.2f} vs unigram" if baseline is not None else ""
-        lines.append(f"{label}: step {last['step']}, loss {last['loss']:.3f}{gap}, acc {last['acc']:.3f}")
+        # Two lines per run: one would run past the figure's right edge with a long run name.
+        lines += [f"{label}: step {last['step']}, acc {last['acc']:.3f}", f"  loss {last['loss']:.3f}{gap}"]
     ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", fontsize=9, family="monospace")
 
 
