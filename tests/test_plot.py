@@ -64,7 +64,9 @@ def test_plotted_series_are_the_metrics(tmp_path):
         [0.2, 0.1, 2 / 30, 0.05]
     )
     notes = fig.axes[-1].texts[0].get_text()
-    assert "run_a: step 40, acc 0.500\n  loss 5.000, -1.50 vs unigram" in notes  # the latest, not the last line
+    assert (
+        "run_a: step 40, acc 0.500\n  loss 5.000, -1.50 vs unigram" in notes
+    )  # the latest, not the last line
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert {"run_a train", "run_b valid", "run_b unigram"} <= set(legend)
     assert_png_has_a_picture(out)
