@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -20,6 +18,7 @@ from typing import Any
 import yaml
 
 from mpnet_dist import flags
+from mpnet_dist.config_checks import DEEPSPEED_OVERRIDES_ENV, config_problems, flag
 from mpnet_dist.data.cache import CACHE_ENV, DEFAULT_CACHE_DIR
 from mpnet_dist.errors import ConfigError
 
@@ -223,96 +222,12 @@ class TrainConfig:
         return self.eval_interval_steps if self.eval_interval_steps > 0 else self.total_updates
 
     def validate(self) -> None:
-        problems = []
-        positive = (
-            "encoder_layers",
-            "encoder_embed_dim",
-            "encoder_ffn_dim",
-            "encoder_attention_heads",
-            "max_tokens",
-            "batch_size",
-            "update_freq",
-            "logging_steps",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                problems.append(f"{flag(name)} must be >= 1 (got {getattr(self, name)})")
-        if self.encoder_embed_dim % max(self.encoder_attention_heads, 1):
-            problems.append(
-                f"{flag('encoder_embed_dim')} ({self.encoder_embed_dim}) must be divisible by "
-                f"{flag('encoder_attention_heads')} ({self.encoder_attention_heads})"
-            )
-        for name in ("dropout", "attention_dropout", "activation_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{flag(name)} must be in [0, 1) (got {getattr(self, name)})")
-        if not 0.0 < self.pred_prob < 1.0:
-            problems.append(f"{flag('pred_prob')} must be in (0, 1) (got {self.pred_prob})")
-        if self.rand_prob < 0 or self.keep_prob < 0 or self.rand_prob + self.keep_prob > 1.0:
-            problems.append(f"{flag('rand_prob')} + {flag('keep_prob')} must be within [0, 1]")
-        if 0 < self.pred_prob < 1 and self.max_tokens < min_max_tokens(self.pred_prob):
-            problems.append(
-                f"{flag('max_tokens')} {self.max_tokens} is below {min_max_tokens(self.pred_prob)}: a block needs "
-                f"<s> and </s> plus enough tokens that {flag('pred_prob')} {self.pred_prob} of them is one whole "
-                "token (below that, one token in three or four would be predicted instead)"
-            )
-        if self.resolved_max_positions() < self.max_tokens:
-            problems.append(
-                f"{flag('max_positions')} ({self.max_positions}) must be >= {flag('max_tokens')} ({self.max_tokens})"
-            )
-        if self.warmup_updates is not None and self.warmup_updates < 0:
-            problems.append(f"{flag('warmup_updates')} must be >= 0 (got {self.warmup_updates})")
-        for name in (
-            "total_updates",
-            "eval_samples",
-            "num_workers",
-            "prefetch_steps",
-            "min_text_length",
-            "max_nonfinite_skips",
-            "fill_mask_demo",
-        ):
-            if getattr(self, name) < 0:
-                problems.append(f"{flag(name)} must be >= 0 (got {getattr(self, name)})")
-        problems += self._distributed_problems()
-        if self.keep_checkpoints < -1:
-            problems.append(f"{flag('keep_checkpoints')} must be -1 (keep all) or >= 0")
-        if self.clip_grad_norm < 0 or not math.isfinite(self.lr) or self.lr <= 0:
-            problems.append(f"{flag('clip_grad_norm')} must be >= 0 and {flag('lr')} > 0")
-        files = [self.train_dir, self.valid_file, self.test_file]
-        if any(files) and not all(files):
-            problems.append("--train-dir, --valid-file and --test-file must be given together")
-        if self.attn_impl == "flex" and self.attention_dropout > 0:
-            problems.append(
-                f"{flag('attn_impl')} flex has no attention dropout: add {flag('attention_dropout')} 0 "
-                f"(got {self.attention_dropout}), or keep {flag('attn_impl')} sdpa"
-            )
+        """Every problem with the values at once, in one ConfigError naming each flag (config_checks.py)."""
         if self.resume_checkpoint and not self.resume:
             self.resume = True  # naming a checkpoint is an unambiguous request to resume
-        if self.hf_model_path and self.resume:
-            problems.append(
-                "--hf-model-path cannot be combined with --resume/--resume-checkpoint "
-                "(a checkpoint already holds the weights)"
-            )
-        if problems:
-            raise ConfigError("; ".join(problems))
-
-    def _distributed_problems(self) -> list[str]:
-        problems = []
-        for name in ("data_streams", "global_batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"{flag(name)} must be >= 1 (got {getattr(self, name)})")
-        if self.dist_timeout_s < 1:
-            problems.append(f"{flag('dist_timeout_s')} must be >= 1 (got {self.dist_timeout_s})")
-        if not self.startup_timeout_s > 0 or not self.node_timeout_s >= 0:
-            problems.append(f"{flag('startup_timeout_s')} must be > 0 and {flag('node_timeout_s')} >= 0")
-        if self.deepspeed_overrides is not None and not isinstance(
-            _json_object(self.deepspeed_overrides), dict
-        ):
-            problems.append(
-                f"{flag('deepspeed_overrides')} (or ${ENV_DEFAULTS['deepspeed_overrides'][0]}) must be a JSON object "
-                f'such as \'{{"zero_optimization": {{"stage3_param_persistence_threshold": 0}}}}\', got '
-                f"{self.deepspeed_overrides!r}"
-            )
-        return problems
+        found = config_problems(self)
+        if found:
+            raise ConfigError("; ".join(found))
 
     def set_update_freq_for(self, world_size: int) -> None:
         """--global-batch-size: the --update-freq that keeps it on `world_size` processes (a ConfigError if none)."""
@@ -336,25 +251,8 @@ FIELDS = {f.name: f for f in fields(TrainConfig)}
 ENV_DEFAULTS: dict[str, tuple[str, Any]] = {
     "data_cache_dir": (CACHE_ENV, DEFAULT_CACHE_DIR),
     "dist_timeout_s": ("MPNET_DIST_TIMEOUT_S", 1800),
-    "deepspeed_overrides": ("MPNET_DIST_DEEPSPEED_OVERRIDES", None),
+    "deepspeed_overrides": (DEEPSPEED_OVERRIDES_ENV, None),
 }
-
-
-def min_max_tokens(pred_prob: float) -> int:
-    """The smallest --max-tokens: 2 specials + ceil(1 / pred_prob) tokens (9 at 0.15), so that the one predicted
-    token a short block must have is the fraction asked for, not a forced minimum."""
-    return 2 + math.ceil(1 / pred_prob - 1e-9)
-
-
-def _json_object(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return None
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _parse_value(name: str, raw: Any) -> Any:
