@@ -38,7 +38,7 @@ from mpnet_dist.data import (  # noqa: E402
     permutation,  # noqa: E402
 )
 from mpnet_dist.data.corpus import materialize_builtin_corpus  # noqa: E402
-from mpnet_dist.data.packing import build_block_cache  # noqa: E402
+from mpnet_dist.data.packing import BlockLayout, build_block_cache  # noqa: E402
 from mpnet_dist.data.sources import list_train_files, read_documents  # noqa: E402
 from mpnet_dist.data.tokenizer import Encoder, fingerprint  # noqa: E402
 
@@ -65,16 +65,8 @@ def rate(batches, n: int, tokens_per_batch: int) -> float:
 def tokenize_rates(tokenizer, cache: Path, files: list[Path], max_tokens: int) -> tuple[float, float]:
     docs = [d for f in files for d in read_documents(f)]
     start = time.perf_counter()
-    blocks = build_block_cache(
-        files,
-        Encoder(tokenizer),
-        fingerprint(tokenizer),
-        len(tokenizer),
-        max_tokens,
-        True,
-        "text",
-        cache / "bench",
-    )
+    layout = BlockLayout(fingerprint(tokenizer), len(tokenizer), max_tokens, True, "text")
+    blocks = build_block_cache(files, Encoder(tokenizer), layout, cache / "bench")
     ours = blocks.n_tokens / (time.perf_counter() - start)
     start, kept = time.perf_counter(), 0
     for i in range(0, len(docs), 512):

@@ -7,16 +7,15 @@ import time
 import numpy as np
 
 from mpnet_dist.data.cache import build_once
-from mpnet_dist.data.packing import Blocks, build_block_cache, pack_documents
+from mpnet_dist.data.packing import BlockLayout, Blocks, build_block_cache, pack_documents
 from mpnet_dist.data.tokenizer import Encoder, fingerprint
 from tests.helpers import doc_text, write_docs
 
 
 def _cache(tokenizer, files, root, max_tokens=32, packing=True):
     enc = Encoder(tokenizer)
-    return build_block_cache(
-        files, enc, fingerprint(tokenizer), len(tokenizer), max_tokens, packing, "text", root
-    )
+    layout = BlockLayout(fingerprint(tokenizer), len(tokenizer), max_tokens, packing, "text")
+    return build_block_cache(files, enc, layout, root)
 
 
 def test_packed_blocks_keep_every_token_and_wrap_only_in_training(tokenizer, tmp_path):

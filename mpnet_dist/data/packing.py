@@ -16,6 +16,7 @@ keyed by a hash of (files, sizes, mtimes, tokenizer, max_tokens, mode).
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
 
@@ -121,28 +122,35 @@ def pack_documents(texts: Iterable[str], encoder: Encoder, max_tokens: int, pack
     return Blocks(ids, starts, max_tokens, offsets)
 
 
-def cache_key(files: list[Path], tokenizer_fp: str, max_tokens: int, packing: bool, text_field: str) -> str:
+@dataclass(frozen=True)
+class BlockLayout:
+    """How documents become the rows of a block cache: what the cache key is made of, with the vocabulary size
+    that picks the token dtype."""
+
+    tokenizer_fp: str
+    vocab_size: int
+    max_tokens: int
+    packing: bool
+    text_field: str
+
+
+def cache_key(files: list[Path], layout: BlockLayout) -> str:
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    ident = json.dumps([CACHE_VERSION, stats, tokenizer_fp, max_tokens, packing, text_field])
+    ident = json.dumps(
+        [CACHE_VERSION, stats, layout.tokenizer_fp, layout.max_tokens, layout.packing, layout.text_field]
+    )
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
 
 
-def _write_cache(
-    tmp: Path,
-    files: list[Path],
-    encoder: Encoder,
-    vocab_size: int,
-    max_tokens: int,
-    packing: bool,
-    text_field: str,
-) -> None:
-    dtype = _token_dtype(vocab_size)
+def _write_cache(tmp: Path, files: list[Path], encoder: Encoder, layout: BlockLayout) -> None:
+    max_tokens, packing = layout.max_tokens, layout.packing
+    dtype = _token_dtype(layout.vocab_size)
     n_tokens = n_docs = 0
     offsets_f = None if packing else open(tmp / "offsets.bin", "wb")
     with open(tmp / "tokens.bin", "wb") as tokens_f, open(tmp / "starts.bin", "wb") as starts_f:
         if offsets_f is not None:
             offsets_f.write(np.zeros(1, np.int64).tobytes())
-        docs = chain.from_iterable(read_documents(f, text_field) for f in files)
+        docs = chain.from_iterable(read_documents(f, layout.text_field) for f in files)
         for batch in _batched(docs, _DOCS_PER_CALL):
             ids, starts, lengths = encoder.encode(batch)
             tokens_f.write(ids.astype(dtype).tobytes())
@@ -167,20 +175,9 @@ def _write_cache(
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
-def build_block_cache(
-    files: list[Path],
-    encoder: Encoder,
-    tokenizer_fp: str,
-    vocab_size: int,
-    max_tokens: int,
-    packing: bool,
-    text_field: str,
-    cache_dir: Path,
-) -> Blocks:
+def build_block_cache(files: list[Path], encoder: Encoder, layout: BlockLayout, cache_dir: Path) -> Blocks:
     """Tokenize + pack `files` once (first caller builds, concurrent callers wait) and open the cache."""
-    key = cache_key(files, tokenizer_fp, max_tokens, packing, text_field)
     path = build_once(
-        cache_dir / "blocks" / key,
-        lambda tmp: _write_cache(tmp, files, encoder, vocab_size, max_tokens, packing, text_field),
+        cache_dir / "blocks" / cache_key(files, layout), lambda tmp: _write_cache(tmp, files, encoder, layout)
     )
     return Blocks.open(path)

@@ -10,7 +10,7 @@ from typing import Any
 from mpnet_dist.data.cache import cache_root
 from mpnet_dist.data.errors import DataError
 from mpnet_dist.data.loader import TEST_TAG, VALID_TAG, EvalBatches, RankBatches, TrainBatches
-from mpnet_dist.data.packing import Blocks, build_block_cache, pack_documents
+from mpnet_dist.data.packing import BlockLayout, Blocks, build_block_cache, pack_documents
 from mpnet_dist.data.sources import check_file, list_train_files, open_stream, take_eval
 from mpnet_dist.data.stream import StreamPlan, StreamReader
 from mpnet_dist.data.stream_loader import StreamBatches, default_streams
@@ -81,9 +81,10 @@ def _file_data(cfg, tokenizer, spec, ranks: tuple[int, int], files: tuple[Any, A
     (rank, world_size), (train_dir, valid_file, test_file) = ranks, files
     encoder, root = Encoder(tokenizer), cache_root(cfg.data_cache_dir)
 
+    layout = BlockLayout(fingerprint(tokenizer), len(tokenizer), cfg.max_tokens, cfg.packing, cfg.text_field)
+
     def cache(files: list[Path]) -> Blocks:
-        args = (fingerprint(tokenizer), len(tokenizer), cfg.max_tokens, cfg.packing, cfg.text_field, root)
-        return build_block_cache(files, encoder, *args)
+        return build_block_cache(files, encoder, layout, root)
 
     train_files = list_train_files(train_dir)
     blocks = cache(train_files)
