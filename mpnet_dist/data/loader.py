@@ -10,6 +10,7 @@ different number of ranks at the same global batch (B*W*update_freq) continues t
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import count
 from typing import Any
 
@@ -46,12 +47,21 @@ def pass_order(positions: np.ndarray, n_blocks: int, seed: int) -> np.ndarray:
     return rows
 
 
+@dataclass(frozen=True)
+class RankShare:
+    """This process's part of every global micro-batch: `batch_size` rows for rank `rank` of `world_size`."""
+
+    rank: int
+    world_size: int
+    batch_size: int
+
+
 class RankBatches(Dataset):
     """Map-style: the global position of a micro-batch's first block -> this rank's micro-batch."""
 
-    def __init__(self, blocks: Blocks, spec: Any, seed: int, rank: int, world_size: int, batch_size: int):
+    def __init__(self, blocks: Blocks, spec: Any, seed: int, share: RankShare):
         self.blocks, self.spec, self.seed = blocks, spec, seed
-        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.rank, self.world_size, self.batch_size = share.rank, share.world_size, share.batch_size
 
     def rows(self, start: int) -> tuple[np.ndarray, np.ndarray]:
         """-> (global positions [B], block indices [B]) of this rank's slice of the micro-batch at `start`."""
@@ -152,12 +162,10 @@ class EvalBatches:
     they do not depend on how many evaluations ran before. Ranks differ by at most one row.
     """
 
-    def __init__(
-        self, blocks: Blocks, spec: Any, seed: int, tag: int, rank: int, world_size: int, batch_size: int
-    ):
+    def __init__(self, blocks: Blocks, spec: Any, seed: int, tag: int, share: RankShare):
         self.blocks, self.spec, self.seed, self.tag = blocks, spec, seed, tag
-        self.rows = np.arange(rank, blocks.n_rows, world_size, dtype=np.int64)
-        self.batch_size = batch_size
+        self.rows = np.arange(share.rank, blocks.n_rows, share.world_size, dtype=np.int64)
+        self.batch_size = share.batch_size
 
     def __len__(self) -> int:
         return -(-len(self.rows) // self.batch_size)

@@ -9,7 +9,7 @@ from typing import Any
 
 from mpnet_dist.data.cache import cache_root
 from mpnet_dist.data.errors import DataError
-from mpnet_dist.data.loader import TEST_TAG, VALID_TAG, EvalBatches, RankBatches, TrainBatches
+from mpnet_dist.data.loader import TEST_TAG, VALID_TAG, EvalBatches, RankBatches, RankShare, TrainBatches
 from mpnet_dist.data.packing import BlockLayout, Blocks, build_block_cache, pack_documents
 from mpnet_dist.data.sources import check_file, list_train_files, open_stream, take_eval
 from mpnet_dist.data.stream import StreamPlan, StreamReader
@@ -86,6 +86,7 @@ def _file_data(cfg, tokenizer, spec, ranks: tuple[int, int], files: tuple[Any, A
     def cache(files: list[Path]) -> Blocks:
         return build_block_cache(files, encoder, layout, root)
 
+    share = RankShare(rank, world_size, cfg.batch_size)
     train_files = list_train_files(train_dir)
     blocks = cache(train_files)
     _check_train_size(blocks, cfg.batch_size, world_size, f"--train-dir {train_dir}")
@@ -94,8 +95,8 @@ def _file_data(cfg, tokenizer, spec, ranks: tuple[int, int], files: tuple[Any, A
         if path:
             eval_blocks = cache([check_file(path, f"--{name}-file")])
             _check_eval_size(eval_blocks, world_size, f"--{name}-file {path}", "give a larger file")
-            evals[name] = EvalBatches(eval_blocks, spec, cfg.seed, tag, rank, world_size, cfg.batch_size)
-    dataset = RankBatches(blocks, spec, cfg.seed, rank, world_size, cfg.batch_size)
+            evals[name] = EvalBatches(eval_blocks, spec, cfg.seed, tag, share)
+    dataset = RankBatches(blocks, spec, cfg.seed, share)
     train = TrainBatches(dataset, cfg.num_workers, data_id=blocks.path.name)
     mode = "packed blocks" if cfg.packing else "one document per row"
     info = (
@@ -154,8 +155,10 @@ def _stream_data(cfg, tokenizer, spec, rank, world_size) -> Data:
         )
         return StreamReader(ds, plan, stream, encoder)
 
-    args = (spec, cfg.batch_size, cfg.num_workers, rank, world_size, _source_id(cfg, name), cfg.seed)
-    train = StreamBatches(make_reader, n_streams, *args)
+    share = RankShare(rank, world_size, cfg.batch_size)
+    train = StreamBatches(
+        make_reader, n_streams, spec, share, cfg.num_workers, (_source_id(cfg, name), cfg.seed)
+    )
     evals = {}
     for split, docs, tag in (("valid", valid_docs, VALID_TAG), ("test", test_docs, TEST_TAG)):
         if docs:
@@ -166,7 +169,7 @@ def _stream_data(cfg, tokenizer, spec, rank, world_size) -> Data:
                 f"the stream's {split} split ({len(docs)} documents)",
                 "raise --eval-samples",
             )
-            evals[split] = EvalBatches(blocks, spec, cfg.seed, tag, rank, world_size, cfg.batch_size)
+            evals[split] = EvalBatches(blocks, spec, cfg.seed, tag, share)
     by_shard = ds.num_shards >= n_streams
     layout = (
         "whole shards per stream" if by_shard else "every stream reads all shards, keeps 1 in S documents"

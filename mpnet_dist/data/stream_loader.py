@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mpnet_dist.checkpoint.state import DataState, StreamDataState, data_state_from_dict, data_state_to_dict
 from mpnet_dist.data.errors import DataError
-from mpnet_dist.data.loader import make_batch, whole_batch
+from mpnet_dist.data.loader import RankShare, make_batch, whole_batch
 from mpnet_dist.data.stream import StreamReader, start_state
 
 
@@ -82,17 +82,14 @@ class StreamBatches:
         make_reader: Callable[[int, int], StreamReader],
         n_streams: int,
         spec: Any,
-        batch_size: int,
+        share: RankShare,
         num_workers: int,
-        rank: int,
-        world_size: int,
-        source: str,
-        seed: int,
+        source: tuple[str, int],
     ):
-        self.make_reader, self.spec, self.batch_size = make_reader, spec, batch_size
-        self.num_workers, self.rank, self.world_size, self.source, self.seed = (
-            num_workers, rank, world_size, source, seed,
-        )  # fmt: skip
+        """source: (what the stream is, as saved in the data state; the seed of its order and masks)."""
+        self.make_reader, self.spec, self.num_workers = make_reader, spec, num_workers
+        self.rank, self.world_size, self.batch_size = share.rank, share.world_size, share.batch_size
+        self.source, self.seed = source
         self._plan(n_streams)
 
     def _plan(self, n_streams: int) -> None:
