@@ -180,8 +180,11 @@ class Cluster:
                     f"{now - self._last_ok:.0f} s{self._last_error}: {self.table[0].name()} is down or "
                     "unreachable, or this host lost its network"
                 )
+            # Only while the store answers does a still counter mean a silent node. The store lives on the head:
+            # when the head stops, every counter stops with it, and the message above is the one that names it.
+            answering = now - self._last_ok <= 2 * self._interval()
             for node, (value, since) in self._heard.items():
-                if value < DONE and now - since > self.timeout_s:
+                if answering and value < DONE and now - since > self.timeout_s:
                     self._lost(
                         f"{self.table[node].name()} has not been heard from for {now - since:.0f} s "
                         f"(--node-timeout-s {self.timeout_s:g}): it died, froze or lost its network"
