@@ -12,8 +12,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import sys
 
 import psutil
+
+from mpnet_dist.command import Parser, run_command
 
 GLOO_VAR, NCCL_VAR = "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"
 
@@ -104,19 +107,11 @@ def set_interface(interface: str, cuda: bool, environ: dict[str, str] | None = N
 
 def main(argv: list[str] | None = None) -> int:
     """`mpnet-dist network HEAD`: the interface this host would use to reach HEAD; one line and exit 2 if none."""
-    import sys
-
-    from mpnet_dist.command import run_command
-
     argv = sys.argv[1:] if argv is None else argv
     return run_command("mpnet-dist network", _show_route, argv)
 
 
 def _show_route(argv: list[str]) -> int:
-    import sys
-
-    from mpnet_dist.command import Parser
-
     parser = Parser(
         prog="mpnet-dist network",
         description="Show the network interface this host uses to reach the head node of a multi-node job "
