@@ -57,18 +57,17 @@ def build_data(cfg: Any, tokenizer: Any, rank: int, world_size: int) -> Data:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     validate_tokenizer(tokenizer, getattr(tokenizer, "name_or_path", "the tokenizer"))
     spec = masking_spec(cfg, tokenizer)
+    share = RankShare(rank, world_size, cfg.batch_size)
     if cfg.train_dir:
-        data = _file_data(
-            cfg, tokenizer, spec, (rank, world_size), (cfg.train_dir, cfg.valid_file, cfg.test_file)
-        )
+        data = _file_data(cfg, tokenizer, spec, share, (cfg.train_dir, cfg.valid_file, cfg.test_file))
     elif cfg.dataset_name == BUILTIN:
         from mpnet_dist.data.corpus import materialize_builtin_corpus
 
         corpus = materialize_builtin_corpus(cfg.data_cache_dir)
         files = (corpus.train_dir, corpus.valid_file, corpus.test_file)
-        data = _file_data(cfg, tokenizer, spec, (rank, world_size), files)
+        data = _file_data(cfg, tokenizer, spec, share, files)
     else:
-        data = _stream_data(cfg, tokenizer, spec, rank, world_size)
+        data = _stream_data(cfg, tokenizer, spec, share)
     if cfg.num_workers > 0:
         # The cache was built with the Rust thread pool; forked workers must not use it (tokenizers
         # would disable it and warn in every worker). Set only now, so the build stays parallel.
@@ -76,9 +75,9 @@ def build_data(cfg: Any, tokenizer: Any, rank: int, world_size: int) -> Data:
     return data
 
 
-def _file_data(cfg, tokenizer, spec, ranks: tuple[int, int], files: tuple[Any, Any, Any]) -> Data:
-    """ranks: (rank, world size); files: (train directory, validation file, test file)."""
-    (rank, world_size), (train_dir, valid_file, test_file) = ranks, files
+def _file_data(cfg, tokenizer, spec, share: RankShare, files: tuple[Any, Any, Any]) -> Data:
+    """files: (train directory, validation file, test file)."""
+    world_size, (train_dir, valid_file, test_file) = share.world_size, files
     encoder, root = Encoder(tokenizer), cache_root(cfg.data_cache_dir)
 
     layout = BlockLayout(fingerprint(tokenizer), len(tokenizer), cfg.max_tokens, cfg.packing, cfg.text_field)
@@ -86,7 +85,6 @@ def _file_data(cfg, tokenizer, spec, ranks: tuple[int, int], files: tuple[Any, A
     def cache(files: list[Path]) -> Blocks:
         return build_block_cache(files, encoder, layout, root)
 
-    share = RankShare(rank, world_size, cfg.batch_size)
     train_files = list_train_files(train_dir)
     blocks = cache(train_files)
     _check_train_size(blocks, cfg.batch_size, world_size, f"--train-dir {train_dir}")
@@ -134,11 +132,11 @@ def _check_eval_size(blocks: Blocks, world_size: int, what: str, fix: str) -> No
         )
 
 
-def _stream_data(cfg, tokenizer, spec, rank, world_size) -> Data:
+def _stream_data(cfg, tokenizer, spec, share: RankShare) -> Data:
     name = cfg.dataset_name or DEFAULT_DATASET
     ds = open_stream(name, cfg.dataset_config, cfg.dataset_split, cfg.text_field)
     valid_docs, test_docs, eval_end = take_eval(ds, cfg.eval_samples, cfg.text_field, cfg.min_text_length)
-    encoder = Encoder(tokenizer)
+    encoder, world_size = Encoder(tokenizer), share.world_size
     n_streams = cfg.data_streams or default_streams(world_size, cfg.num_workers)
 
     def make_reader(stream: int, n_streams: int) -> StreamReader:
@@ -155,7 +153,6 @@ def _stream_data(cfg, tokenizer, spec, rank, world_size) -> Data:
         )
         return StreamReader(ds, plan, stream, encoder)
 
-    share = RankShare(rank, world_size, cfg.batch_size)
     train = StreamBatches(
         make_reader, n_streams, spec, share, cfg.num_workers, (_source_id(cfg, name), cfg.seed)
     )
