@@ -172,9 +172,16 @@ class Cluster:
 
     def _judge(self) -> None:
         layout = self.layout
+        last_tick = awake = time.monotonic()
         while not self._stop.wait(self._interval()):
             now = time.monotonic()
-            if now - self._last_ok > self.timeout_s:
+            if now - last_tick > 2 * self._interval():
+                # This process itself was paused (starved of CPU, a GIL-holding call, a stopped VM): every counter
+                # and store read here stood still for that long, so no other node gets the blame for it. Each gets
+                # a full timeout again from now.
+                awake = now
+            last_tick = now
+            if now - max(self._last_ok, awake) > self.timeout_s:
                 self._lost(
                     f"the head node's store at {layout.master_addr}:{layout.master_port} has not answered for "
                     f"{now - self._last_ok:.0f} s{self._last_error}: {self.table[0].name()} is down or "
@@ -184,7 +191,7 @@ class Cluster:
             # when the head stops, every counter stops with it, and the message above is the one that names it.
             answering = now - self._last_ok <= 2 * self._interval()
             for node, (value, since) in self._heard.items():
-                if answering and value < DONE and now - since > self.timeout_s:
+                if answering and value < DONE and now - max(since, awake) > self.timeout_s:
                     self._lost(
                         f"{self.table[node].name()} has not been heard from for {now - since:.0f} s "
                         f"(--node-timeout-s {self.timeout_s:g}): it died, froze or lost its network"
@@ -228,17 +235,19 @@ def join(
             print(f"[mpnet] {time.strftime('%H:%M:%S')} INFO node {layout.node}: {note}", flush=True)
     if store is None:
         table = [Node(layout.node, socket.gethostname(), own, _ranks(layout))]
-        _CURRENT = Cluster(layout, table, notes)
-        return _CURRENT
+        _CURRENT = cluster = Cluster(layout, table, notes)
+        return cluster
     if layout.local_rank == 0:
         entry = Node(layout.node, socket.gethostname(), own, _ranks(layout))
         store.add(layout.beat_key(layout.node), 1)
         store.set(layout.entry_key(layout.node), json.dumps(asdict(entry)))
-    _CURRENT = Cluster(layout, _read(store, layout, range(layout.nodes), startup_timeout_s), notes)
+    # The local name, not the module's: a process that joins twice at once (the tests' two nodes in one process)
+    # must get back its own cluster, not whichever the other join stored last.
+    _CURRENT = cluster = Cluster(layout, _read(store, layout, range(layout.nodes), startup_timeout_s), notes)
     if layout.rank == 0:
-        print(f"[mpnet] {time.strftime('%H:%M:%S')} INFO {_CURRENT.describe()}", flush=True)
-    _CURRENT.watch(node_timeout_s)
-    return _CURRENT
+        print(f"[mpnet] {time.strftime('%H:%M:%S')} INFO {cluster.describe()}", flush=True)
+    cluster.watch(node_timeout_s)
+    return cluster
 
 
 def _ranks(layout: Layout) -> list[int]:

@@ -56,6 +56,7 @@ def _join_both(port: int, **extra: str) -> list[Cluster]:
     for t in threads:
         t.join(timeout=30)
     assert all(results), results
+    assert [c.layout.node for c in results] == [0, 1]  # each join returned its own node's cluster
     return results + envs
 
 
@@ -118,6 +119,27 @@ def test_a_node_that_finished_is_not_lost(store):
     time.sleep(3 * TIMEOUT_S)
     assert r0.lost == []
     r0._stop.set()
+
+
+def test_a_paused_process_blames_no_other_node(store):
+    """This process stops running for longer than the timeout (here: the main thread holds the GIL, as a long
+    pickle does; on a cluster also a starved CPU or a stopped VM). On waking, its judge must not read its own
+    pause as another node's silence or as the head's store not answering."""
+    r0, r1 = _watched(store.port)
+    time.sleep(2 * TIMEOUT_S)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(60)  # no other thread of this process runs until the loop below gives the GIL up
+    try:
+        end = time.monotonic() + 2 * TIMEOUT_S
+        while time.monotonic() < end:
+            pass
+    finally:
+        sys.setswitchinterval(switch)
+    time.sleep(3 * TIMEOUT_S)
+    assert r0.lost == [] and r1.lost == []
+    r1._stop.set()  # the pause did not blind the judge: a node that then goes silent is still named
+    _wait(lambda: r0.lost, 20 * TIMEOUT_S)
+    assert len(r0.lost) == 1 and r0.lost[0].startswith("node 1 ("), r0.lost
 
 
 def test_a_frozen_head_store_is_named(tmp_path):
