@@ -95,13 +95,10 @@ def _two_stream(
 ) -> list:
     from mpnet_dist.data.batch import make_mpnet_batch
     from mpnet_dist.data.order import row_seeds
-    from mpnet_dist.loss import prediction_loss
+    from mpnet_dist.step import batch_loss
 
     batch = make_mpnet_batch(tokens, starts, row_seeds(seed, _EVAL_TAG, rows), spec)
-    logits = model(
-        batch["input_ids"], batch["positions"], batch["targets"].shape[1], batch.get("padding_mask")
-    )
-    loss, correct = prediction_loss(logits, batch["targets"])
+    loss, correct = batch_loss(model, batch)
     return [loss.item(), correct.item(), int((batch["targets"] != -100).sum())]
 
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 # IGNORE_INDEX: the target of slots that predict nothing (padding in one-document-per-row mode).
 from mpnet_dist.data.batch import IGNORE_INDEX
+
+# Vocabulary columns per chunk of the fused CPU head. Measured (1 thread, 304 x 256 rows against 30,527 x 256):
+# MKL runs x @ W[chunk].T at 47 GFLOP/s for 1,024 columns and at 26 GFLOP/s for the whole vocabulary at once;
+# 512 and 4,096 were slower (BENCHMARKS.md, "Fused LM head").
+CPU_VOCAB_CHUNK = 1024
 
 
 def prediction_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,6 +28,28 @@ def prediction_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     with torch.no_grad():
         correct = ((flat.argmax(dim=-1) == flat_targets) & (flat_targets != IGNORE_INDEX)).sum()
     return loss_sum, correct
+
+
+def projection_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """prediction_loss(F.linear(hidden, weight, bias), targets): the LM head's vocabulary projection and the loss.
+
+    hidden [B, p, H], weight [V, H] (the tied word embeddings), bias [V], targets [B, p]. On a CPU in fp32 and
+    eager mode the two run fused, a chunk of the vocabulary at a time (`_ChunkedProjectionLoss`). Elsewhere (CUDA,
+    autocast, bf16 weights, torch.compile) the plain composition runs: measured only on this CPU so far.
+    """
+    fused = (
+        hidden.device.type == "cpu"
+        and hidden.dtype == weight.dtype == bias.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+    if not fused:
+        return prediction_loss(F.linear(hidden, weight, bias), targets)
+    return _ChunkedProjectionLoss.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), CPU_VOCAB_CHUNK
+    )
 
 
 class _SummedCrossEntropy(torch.autograd.Function):
@@ -50,3 +78,69 @@ class _SummedCrossEntropy(torch.autograd.Function):
         # Ignored rows get exactly 0 even when grad is NaN/Inf, as autograd's nll_loss backward gives them.
         grad_logits.mul_(torch.where(valid, grad, 0.0)[:, None])
         return grad_logits.to(ctx.logits_dtype), None
+
+
+class _ChunkedProjectionLoss(torch.autograd.Function):
+    """(summed CE, correct) of hidden [N, H] @ weight[V, H].T + bias, one vocabulary chunk of columns at a time.
+
+    Why: on CPU the [N, H] x [H, V] product is twice as fast in 1,024-column pieces as whole, and working per
+    chunk keeps each piece in cache for the passes after it: the row maximum and argmax, the exponentials and
+    (in backward) softmax - one_hot and the two gradient products. The [N, V] logits never exist in one piece
+    and no log-softmax, argmax or copy pass runs over them; the exponentials kept for backward take the memory
+    the log-probabilities took before. Results equal the composition within fp32 rounding (tests/test_loss.py).
+    Backward runs once (it normalizes the saved chunks in place).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden, weight, bias, targets, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        valid = targets != IGNORE_INDEX
+        target = torch.where(valid, targets, -1)  # -1: in no chunk
+        best = hidden.new_full((rows,), -torch.inf)
+        best_index = torch.zeros(rows, dtype=torch.long, device=hidden.device)
+        picked = hidden.new_zeros(rows)
+        starts, pieces = range(0, vocab, chunk), []
+        for start in starts:
+            logits = torch.addmm(bias[start : start + chunk], hidden, weight[start : start + chunk].t())
+            value, index = logits.max(dim=1)
+            better = value > best  # strict: the first maximum wins, as argmax
+            best = torch.where(better, value, best)
+            best_index = torch.where(better, index + start, best_index)
+            local, inside = _in_chunk(target, start, logits.shape[1])
+            picked += torch.where(inside, logits.gather(1, local).squeeze(1), 0.0)
+            pieces.append(logits)
+        sum_exp = hidden.new_zeros(rows)
+        for logits in pieces:
+            sum_exp += logits.sub_(best[:, None]).exp_().sum(dim=1)  # a NaN logit makes the loss NaN
+        loss = torch.where(valid, best + sum_exp.log() - picked, 0.0).sum()
+        correct = ((best_index == targets) & valid).sum()
+        ctx.mark_non_differentiable(correct)
+        ctx.chunk = chunk
+        ctx.save_for_backward(hidden, weight, target, valid, sum_exp, *pieces)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _: Any) -> tuple[Any, ...]:
+        hidden, weight, target, valid, sum_exp, *pieces = ctx.saved_tensors
+        # d loss / d logits = grad * (softmax - one_hot) on valid rows; ignored rows get exactly 0.
+        scale = torch.where(valid, grad / sum_exp, 0.0)[:, None]
+        one_hot = torch.where(valid, -grad, 0.0)[:, None]
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight, grad_bias = torch.empty_like(weight), weight.new_empty(weight.shape[0])
+        for number, exps in enumerate(pieces):
+            start = number * ctx.chunk
+            end = start + exps.shape[1]
+            local, inside = _in_chunk(target, start, exps.shape[1])
+            grad_logits = exps.mul_(scale)
+            grad_logits.scatter_add_(1, local, torch.where(inside[:, None], one_hot, 0.0))
+            grad_hidden.addmm_(grad_logits, weight[start:end])
+            torch.mm(grad_logits.t(), hidden, out=grad_weight[start:end])
+            torch.sum(grad_logits, dim=0, out=grad_bias[start:end])
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _in_chunk(target: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's target column inside the chunk [start, start + width) ([N, 1], clamped), and whether it is."""
+    local = target - start
+    inside = (local >= 0) & (local < width)
+    return local.clamp(0, width - 1)[:, None], inside

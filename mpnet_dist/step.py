@@ -16,7 +16,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from mpnet_dist.data.batch import IGNORE_INDEX
-from mpnet_dist.loss import prediction_loss
 from mpnet_dist.optim import set_lr
 
 
@@ -49,6 +48,13 @@ def forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(
         batch["input_ids"], batch["positions"], batch["targets"].shape[1], batch.get("padding_mask")
     )  # [B, p, V]
+
+
+def batch_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy over the predicted tokens, correct predictions) of one micro-batch: the same as
+    prediction_loss(forward(model, batch), targets), with the LM head and the loss fused where that is faster."""
+    targets = batch["targets"]
+    return model(batch["input_ids"], batch["positions"], targets.shape[1], batch.get("padding_mask"), targets)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -101,7 +107,7 @@ def train_step(
     agreed, norm = None, None
     for index, batch in enumerate(batches):
         with accelerator.accumulate(model):
-            loss_sum, correct = prediction_loss(forward(model, batch), batch["targets"])
+            loss_sum, correct = batch_loss(model, batch)
             loss_total = loss_total + loss_sum.detach()
             correct_total = correct_total + correct
             if index == len(batches) - 1:
@@ -208,7 +214,7 @@ def evaluate(accelerator: Accelerator, model, batches) -> dict[str, float] | Non
             batch = to_device(local[min(index, len(local) - 1)], accelerator.device) if local else None
             if batch is None:
                 raise RuntimeError("a rank has no evaluation batches while others do; check the eval split")
-            loss_sum, correct = prediction_loss(forward(model, batch), batch["targets"])
+            loss_sum, correct = batch_loss(model, batch)
             n_pred = (batch["targets"] != IGNORE_INDEX).sum()
             sums += weight * torch.stack([loss_sum.double(), correct.double(), n_pred.double()])
     model.train(was_training)

@@ -27,15 +27,15 @@ from tests.helpers import final_weights, tiny_args, train
 
 def _poison(monkeypatch, bad_calls: dict[int, float]) -> None:
     """Multiply the loss of the given training micro-batches (1-based, update-freq 2) by NaN or Inf."""
-    real_loss, calls = step_module.prediction_loss, {"n": 0}
+    real_loss, calls = step_module.batch_loss, {"n": 0}
 
-    def poisoned(logits, targets):
+    def poisoned(model, batch):
         calls["n"] += torch.is_grad_enabled()  # evaluation runs under no_grad and is not counted
-        loss_sum, correct = real_loss(logits, targets)
+        loss_sum, correct = real_loss(model, batch)
         factor = bad_calls.get(calls["n"]) if torch.is_grad_enabled() else None
         return (loss_sum * factor if factor is not None else loss_sum), correct
 
-    monkeypatch.setattr(step_module, "prediction_loss", poisoned)
+    monkeypatch.setattr(step_module, "batch_loss", poisoned)
 
 
 def test_transient_nonfinite_steps_are_skipped_without_touching_the_weights(
@@ -274,22 +274,22 @@ def test_export_writes_only_its_output_folder(tiny_corpus, tmp_path, small_check
 
 def test_ctrl_c_saves_and_stops_then_resume_finishes(tiny_corpus, tmp_path, monkeypatch):
     """A first Ctrl-C saves at the next step boundary and stops cleanly; --resume then completes the run."""
-    real_loss = step_module.prediction_loss
+    real_loss = step_module.batch_loss
     calls = {"n": 0}
 
-    def interrupt_once(logits, targets):
+    def interrupt_once(model, batch):
         calls["n"] += torch.is_grad_enabled()
         if calls["n"] == 3:  # during step 2 (update-freq 2)
             os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(logits, targets)
+        return real_loss(model, batch)
 
-    monkeypatch.setattr(step_module, "prediction_loss", interrupt_once)
+    monkeypatch.setattr(step_module, "batch_loss", interrupt_once)
     previous = signal.getsignal(signal.SIGINT)
     run_dir = tmp_path / "run"
     assert train(tiny_args(tiny_corpus, run_dir, "--eval-interval-steps", "0")) == 0
     assert signal.getsignal(signal.SIGINT) is previous  # handlers given back
     assert (run_dir / "PREEMPTED").read_text().strip() == "3"  # the vote lands at the next boundary
     assert latest_checkpoint(run_dir).name == "step-00000003" and not (run_dir / "final").exists()
-    monkeypatch.setattr(step_module, "prediction_loss", real_loss)
+    monkeypatch.setattr(step_module, "batch_loss", real_loss)
     assert train(tiny_args(tiny_corpus, run_dir, "--eval-interval-steps", "0", "--resume")) == 0
     assert json.loads((run_dir / "final" / "train_state.json").read_text())["step"] == 6

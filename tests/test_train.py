@@ -135,15 +135,15 @@ def test_metrics_record_fields_and_validation_falls(tiny_corpus, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    real_loss = step_module.prediction_loss
+    real_loss = step_module.batch_loss
     calls = {"n": 0}
 
-    def poisoned(logits, targets):  # NaN from the 5th training micro-batch on (step 3 with update-freq 2)
+    def poisoned(model, batch):  # NaN from the 5th training micro-batch on (step 3 with update-freq 2)
         calls["n"] += torch.is_grad_enabled()  # evaluation runs under no_grad and is not counted
-        loss_sum, correct = real_loss(logits, targets)
+        loss_sum, correct = real_loss(model, batch)
         return (loss_sum * math.nan if calls["n"] >= 5 else loss_sum), correct
 
-    monkeypatch.setattr(step_module, "prediction_loss", poisoned)
+    monkeypatch.setattr(step_module, "batch_loss", poisoned)
     with pytest.raises(step_module.NonFiniteLossError, match="last good checkpoint"):
         train(tiny_args(tiny_corpus, run_dir, "--checkpoint-interval", "2", "--eval-interval-steps", "0"))
     assert [step for step, _ in interval_checkpoints(run_dir)] == [2]

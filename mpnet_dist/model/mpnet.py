@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from mpnet_dist.loss import projection_loss
+
 from .attention import AttentionKernel, RelativeSelfAttention, get_kernel
 from .config import MPNetConfig
 from .layout import AttentionLayout
@@ -158,8 +160,13 @@ class LMHead(nn.Module):
         self.weight = weight  # the word-embedding Parameter itself
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits [..., V]; with targets [...]: (summed cross-entropy, correct predictions), computed without
+        handing the logits back (mpnet_dist.loss.projection_loss fuses projection and loss where measured faster).
+        """
         x = self.layer_norm(self.activation(self.dense(x)))
+        if targets is not None:
+            return projection_loss(x, self.weight, self.bias, targets)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -177,13 +184,16 @@ class MPNetForPretraining(nn.Module):
         positions: Tensor,
         pred_size: int,
         padding_mask: Tensor | None = None,
-    ) -> Tensor:
-        """Two-stream batch (input_ids/positions/padding_mask [B, L+2p]) -> logits [B, p, V].
+        targets: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Two-stream batch (input_ids/positions/padding_mask [B, L+2p]) -> logits [B, p, V], or with targets
+        [B, p]: (summed cross-entropy over the predicted tokens, correct predictions), as
+        mpnet_dist.loss.prediction_loss(logits, targets) gives.
 
         positions are 0-based original positions; padding_mask is True at padding, or None.
         """
         query = self.sentence_encoder.two_stream(input_ids, positions, pred_size, padding_mask)
-        return self.lm_head(query)
+        return self.lm_head(query, targets)
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """[B, L] ids, attention_mask 1 = keep (HF convention) -> hidden states [B, L, H]."""
