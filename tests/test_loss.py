@@ -109,3 +109,25 @@ def test_model_loss_is_the_same_on_every_path():
     assert torch.allclose(fused_loss, plain_loss, rtol=1e-6) and fused_correct == plain_correct
     for name, grad in plain_grads.items():
         assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_sparse_word_embedding_gradient_reaches_the_optimizer_dense_and_equal():
+    """On CPU the word-embedding lookup has a sparse gradient (mpnet.WordEmbedding); summed with the tied head's
+    dense one, the optimizer must see one dense gradient equal to the all-dense computation (padding included)."""
+    model = tiny_model().train()
+    input_ids, positions = random_batch(3, 12, 4)
+    input_ids[0, :2] = model.config.padding_idx
+    targets = input_ids[:, -4:].clone()
+    embedding = model.sentence_encoder.embed_tokens
+    grads = []
+    for dense in (False, True):
+        if dense:  # the plain lookup, as on CUDA and under torch.compile
+            embedding.forward = lambda ids: torch.nn.functional.embedding(
+                ids, embedding.weight, embedding.padding_idx
+            )
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        model(input_ids, positions, 4, None, targets)[0].backward()
+        assert not embedding.weight.grad.is_sparse
+        grads.append(embedding.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
