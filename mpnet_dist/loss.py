@@ -10,9 +10,9 @@ import torch.nn.functional as F
 # IGNORE_INDEX: the target of slots that predict nothing (padding in one-document-per-row mode).
 from mpnet_dist.data.batch import IGNORE_INDEX
 
-# Vocabulary columns per chunk of the fused CPU head. Measured (1 thread, 304 x 256 rows against 30,527 x 256):
-# MKL runs x @ W[chunk].T at 47 GFLOP/s for 1,024 columns and at 26 GFLOP/s for the whole vocabulary at once;
-# 512 and 4,096 were slower (BENCHMARKS.md, "Fused LM head").
+# Vocabulary columns per chunk of the fused CPU head. Measured (benchmarks/head_chunks.py, 304 x 256 rows against
+# 30,527 x 256): head and loss forward + backward 233 ms in 1,024-column chunks against 320 ms whole at 1 thread,
+# 125 against 157 at 2; chunks of 512-4,096 were within noise of each other (BENCHMARKS.md, "Fused head chunk size").
 CPU_VOCAB_CHUNK = 1024
 
 
@@ -83,7 +83,7 @@ class _SummedCrossEntropy(torch.autograd.Function):
 class _ChunkedProjectionLoss(torch.autograd.Function):
     """(summed CE, correct) of hidden [N, H] @ weight[V, H].T + bias, one vocabulary chunk of columns at a time.
 
-    Why: on CPU the [N, H] x [H, V] product is twice as fast in 1,024-column pieces as whole, and working per
+    Why: on CPU MKL runs the [N, H] x [H, V] product faster in 1,024-column pieces than whole, and working per
     chunk keeps each piece in cache for the passes after it: the row maximum and argmax, the exponentials and
     (in backward) softmax - one_hot and the two gradient products. The [N, V] logits never exist in one piece
     and no log-softmax, argmax or copy pass runs over them; the exponentials kept for backward take the memory
