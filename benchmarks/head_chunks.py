@@ -55,7 +55,9 @@ def main() -> None:
         for v in order:
             times[v].append(run(v))
     print(f"end: {step_flops.load_line()}")
-    print(f"\n{args.rows} rows x {args.hidden} against {args.vocab} x {args.hidden}, {args.threads} thread(s)\n")
+    print(
+        f"\n{args.rows} rows x {args.hidden} against {args.vocab} x {args.hidden}, {args.threads} thread(s)\n"
+    )
     print("| chunk | forward + backward ms (median, min-max) |\n|---|---|")
     for v, ts in times.items():
         label = "whole vocabulary (F.linear + prediction_loss)" if v == 0 else f"{v:,}"
