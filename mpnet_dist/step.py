@@ -44,17 +44,16 @@ class StepResult:
     stop_requested: bool  # some rank asked to stop (preemption); agreed at this boundary
 
 
-def forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(
-        batch["input_ids"], batch["positions"], batch["targets"].shape[1], batch.get("padding_mask")
-    )  # [B, p, V]
+def forward(model, batch: dict[str, torch.Tensor], targets: torch.Tensor | None = None):
+    """Logits [B, p, V]; with targets, what the model returns for them (see batch_loss)."""
+    p = batch["targets"].shape[1]
+    return model(batch["input_ids"], batch["positions"], p, batch.get("padding_mask"), targets)
 
 
 def batch_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy over the predicted tokens, correct predictions) of one micro-batch: the same as
     prediction_loss(forward(model, batch), targets), with the LM head and the loss fused where that is faster."""
-    targets = batch["targets"]
-    return model(batch["input_ids"], batch["positions"], targets.shape[1], batch.get("padding_mask"), targets)
+    return forward(model, batch, batch["targets"])
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
