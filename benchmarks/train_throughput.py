@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import inspect
 import json
 import shlex
 import statistics
@@ -41,7 +42,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 
-from benchmarks import step_flops
+from benchmarks import step_flops, step_profile
 from mpnet_dist.compilation import compile_model
 from mpnet_dist.data.batch import MaskingSpec, count_predictions, make_mpnet_batch
 from mpnet_dist.host_memory import keep_freed_memory
@@ -145,6 +146,13 @@ def load_before(rev: str) -> dict[str, object]:
     names = {"config": "model.config", "attention": "model.attention", "mpnet": "model.mpnet"}
     names.update({"loss": "loss", "step": "step"})
     return {key: importlib.import_module(f"mpnet_before.{name}") for key, name in names.items()}
+
+
+def full_last_layer(variant: Variant, args: argparse.Namespace) -> bool:
+    """Whether a variant's last layer computes every row (revisions before the query-only last layer)."""
+    return variant.kind == "before" and "output_from" not in inspect.getsource(
+        load_before(args.before)["mpnet"]
+    )
 
 
 class Variant:
@@ -301,7 +309,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         if v.kind == "hf"
         else step_flops.two_stream_step_flops(
-            args.batch, args.seq_len, p, args.layers, args.hidden, args.ffn, args.vocab, v.kind == "before"
+            args.batch,
+            args.seq_len,
+            p,
+            args.layers,
+            args.hidden,
+            args.ffn,
+            args.vocab,
+            full_last_layer(v, args),
         )
         for v in variants
     }
@@ -313,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     for v in variants:  # again, untimed: a compiled variant may recompile after another variant compiled
         run_steps(v, batches_of[v.name], 1, 0, device)
     if args.profile:
-        profile(variants, batches_of, args.profile, device)
+        step_profile.profile(variants, batches_of, args.profile, device, run_steps)
         return
     gemm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     # CPUs without AVX512-BF16/AMX run bf16 GEMMs ~100x slower than fp32: keep that probe short.
@@ -329,30 +344,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rep {rep}: {row}  | {step_flops.load_line()}", flush=True)
     peaks = (max(g[0] for g in gemm), max(g[1] for g in gemm))
     report(args, argv, variants, times, flops, peaks, p, device)
-
-
-def profile(variants: list[Variant], batches_of: dict, steps: int, device: torch.device) -> None:
-    """Self time per operator and step, one column per variant: where each step spends its time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    columns: dict[str, dict[str, float]] = {}
-    for v in variants:
-        with torch_profile(activities=activities) as prof:
-            run_steps(v, batches_of[v.name], steps, 0, device)
-        columns[v.name] = {e.key: getattr(e, attr) / 1e3 / steps for e in prof.key_averages()}
-    ops = sorted(
-        {k for c in columns.values() for k in c}, key=lambda k: -max(c.get(k, 0) for c in columns.values())
-    )
-    print(f"\nself time per step, ms ({steps} profiled steps each)\n")
-    print("| op | " + " | ".join(columns) + " |")
-    print("|---|" + "---:|" * len(columns))
-    for op in ops[:30]:
-        print(f"| {op} | " + " | ".join(f"{c.get(op, 0.0):.1f}" for c in columns.values()) + " |")
-    print("| total | " + " | ".join(f"{sum(c.values()):.1f}" for c in columns.values()) + " |")
-    print(f"end: {step_flops.load_line()}")
 
 
 def report(args, argv, variants, times, flops, gemm_peaks, p, device) -> None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MPNetConfig
+from .dropout import dropout
 from .flex import FlexKernel
 from .layout import AttentionLayout
 
@@ -91,7 +92,29 @@ class SDPAKernel:
         return prepared[:, :, start:]  # a view; row starts stay aligned
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Tensor, dropout_p: float) -> Tensor:
+        if dropout_p > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
+            # With a float mask and dropout, torch's CPU SDPA takes its math path: the same products and
+            # softmax, plus fully-masked-row checks no layout needs (no row is ever fully blocked), and
+            # bernoulli_ masks 3x slower to draw than model/dropout.py's.
+            return math_attention(q, k, v, prepared, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=prepared.to(q.dtype), dropout_p=dropout_p)
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float) -> Tensor:
+    """dropout(softmax(q k^T / sqrt(d) + mask)) v, softmax in fp32: q [B, nh, T, d], k/v [B, nh, S, d].
+
+    The scale and the mask enter the score product itself (baddbmm), one pass over [B, nh, T, S] fewer
+    than scaling and adding afterwards.
+    """
+    batch, heads, rows, dim = q.shape
+    cols = k.size(2)
+    flat = batch * heads
+    bias = mask.to(q.dtype).expand(batch, heads, rows, cols).reshape(flat, rows, cols)
+    keys = k.reshape(flat, cols, dim).transpose(1, 2)
+    scores = torch.baddbmm(bias, q.reshape(flat, rows, dim), keys, alpha=dim**-0.5)  # [B*nh, T, S]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    probs = dropout(probs, dropout_p)
+    return torch.bmm(probs, v.reshape(flat, cols, dim)).view(batch, heads, rows, dim)
 
 
 class EagerKernel:
@@ -108,7 +131,7 @@ class EagerKernel:
         scores = torch.matmul(q, k.transpose(-1, -2)) * q.size(-1) ** -0.5 + prepared  # [B, nh, T, S]
         probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
         if dropout_p > 0:
-            probs = F.dropout(probs, p=dropout_p)
+            probs = dropout(probs, dropout_p)
         return torch.matmul(probs, v)
 
 

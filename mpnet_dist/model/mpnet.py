@@ -15,6 +15,7 @@ from mpnet_dist.loss import projection_loss
 
 from .attention import AttentionKernel, RelativeSelfAttention, get_kernel
 from .config import MPNetConfig
+from .dropout import Dropout
 from .layout import AttentionLayout
 
 INIT_STD = 0.02
@@ -43,8 +44,8 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.encoder_ffn_dim, dim)
         self.final_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.activation = get_activation(config.activation_fn)
-        self.dropout = nn.Dropout(config.dropout)
-        self.activation_dropout = nn.Dropout(config.activation_dropout)
+        self.dropout = Dropout(config.dropout)
+        self.activation_dropout = Dropout(config.activation_dropout)
 
     def forward(
         self, x: Tensor, num_kv: int, prepared: Any, kernel: AttentionKernel, first_row: int = 0
@@ -95,7 +96,7 @@ class SentenceEncoder(nn.Module):
             config.max_positions + config.padding_idx + 1, dim, padding_idx=config.padding_idx
         )
         self.emb_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.relative_attention_bias = nn.Embedding(
             config.relative_attention_num_buckets, config.encoder_attention_heads
         )
