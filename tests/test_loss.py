@@ -86,6 +86,29 @@ def test_fused_head_counts_ties_and_nan_as_argmax_and_cross_entropy_do():
     assert math.isnan(float(_ChunkedProjectionLoss.apply(hidden, weight, bias, targets, 8)[0]))
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 8, 64])
+def test_fused_head_correct_count_is_argmax_with_many_ties(chunk):
+    # Small integer logits tie often, inside a chunk and across chunks: only a target that is the *first*
+    # maximum of its row counts as correct, as argmax(logits) == target does.
+    torch.manual_seed(1)
+    rows, dim, vocab = 400, 2, 30
+    hidden = torch.randint(-1, 2, (rows, dim)).float()
+    weight, bias = torch.randint(-1, 2, (vocab, dim)).float(), torch.zeros(vocab)
+    logits = hidden @ weight.t()
+    targets = torch.where(torch.rand(rows) < 0.5, logits.argmax(dim=1), torch.randint(0, vocab, (rows,)))
+    targets[:20] = IGNORE_INDEX
+    first = (logits == logits.amax(dim=1, keepdim=True)).float().argmax(dim=1)  # first maximum of each row
+    tied_later = (logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) == logits.amax(dim=1)) & (
+        first != targets
+    )
+    assert (
+        tied_later[20:].sum() > 20
+    )  # the case under test occurs: targets on a maximum that is not the first
+    _, correct = _ChunkedProjectionLoss.apply(hidden, weight, bias, targets, chunk)
+    _, expected = _reference(hidden, weight, bias, targets)
+    assert int(correct) == int(expected) > 0
+
+
 def test_model_loss_is_the_same_on_every_path():
     """The model's fused loss (CPU fp32) equals its logits fed to prediction_loss, and the unfused path (what
     CUDA, autocast and torch.compile run) gives the same numbers too."""
