@@ -113,12 +113,13 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: flo
     keys = k.reshape(flat, cols, dim).transpose(1, 2)
     scores = torch.baddbmm(bias, q.reshape(flat, rows, dim), keys, alpha=dim**-0.5)  # [B*nh, T, S]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    probs = dropout(probs, dropout_p)
+    if dropout_p > 0:
+        probs = dropout(probs, dropout_p)
     return torch.bmm(probs, v.reshape(flat, cols, dim)).view(batch, heads, rows, dim)
 
 
 class EagerKernel:
-    """Plain reference path: scores + bias, softmax in fp32."""
+    """Plain reference path (`math_attention`): scores + bias, softmax in fp32, no fused kernel."""
 
     def prepare(self, table: nn.Embedding, layout: AttentionLayout) -> Tensor:
         device = table.weight.device
@@ -128,11 +129,7 @@ class EagerKernel:
         return prepared[:, :, start:]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Tensor, dropout_p: float) -> Tensor:
-        scores = torch.matmul(q, k.transpose(-1, -2)) * q.size(-1) ** -0.5 + prepared  # [B, nh, T, S]
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        if dropout_p > 0:
-            probs = dropout(probs, dropout_p)
-        return torch.matmul(probs, v)
+        return math_attention(q, k, v, prepared, dropout_p)
 
 
 ATTENTION_KERNELS: dict[str, AttentionKernel] = {
