@@ -24,25 +24,20 @@ MFU: FLOP formula in benchmarks/step_flops.py; CPU peak = best GEMM rate measure
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
-import inspect
 import json
 import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
 
-from benchmarks import step_flops, step_profile
+from benchmarks import before_revision, step_flops, step_profile
 from mpnet_dist.compilation import compile_model
 from mpnet_dist.data.batch import MaskingSpec, count_predictions, make_mpnet_batch
 from mpnet_dist.host_memory import keep_freed_memory
@@ -120,41 +115,6 @@ def build_batches(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     return ours, hf
 
 
-@functools.lru_cache(maxsize=1)
-def load_before(rev: str) -> dict[str, object]:
-    """The model, loss and step modules of `rev`, importable side by side with the working tree's."""
-    root = Path(tempfile.mkdtemp(prefix="mpnet_before_")) / "mpnet_before"
-    (root / "model").mkdir(parents=True)
-    listing = subprocess.run(
-        ["git", "ls-tree", "--name-only", rev, "mpnet_dist/model/"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    files = {
-        f"model/{Path(n).name}": n for n in listing if n.endswith(".py") and not n.endswith("__init__.py")
-    }
-    files.update({"loss.py": "mpnet_dist/loss.py", "step.py": "mpnet_dist/step.py"})
-    for target, source in files.items():
-        text = subprocess.run(
-            ["git", "show", f"{rev}:{source}"], check=True, capture_output=True, text=True
-        ).stdout
-        (root / target).write_text(text.replace("from mpnet_dist.loss", "from mpnet_before.loss"))
-    (root / "__init__.py").write_text("")
-    (root / "model" / "__init__.py").write_text("")
-    sys.path.insert(0, str(root.parent))
-    names = {"config": "model.config", "attention": "model.attention", "mpnet": "model.mpnet"}
-    names.update({"loss": "loss", "step": "step"})
-    return {key: importlib.import_module(f"mpnet_before.{name}") for key, name in names.items()}
-
-
-def full_last_layer(variant: Variant, args: argparse.Namespace) -> bool:
-    """Whether a variant's last layer computes every row (revisions before the query-only last layer)."""
-    return variant.kind == "before" and "output_from" not in inspect.getsource(
-        load_before(args.before)["mpnet"]
-    )
-
-
 class Variant:
     """One model + optimizer + step function, prepared by the shared Accelerator."""
 
@@ -173,7 +133,7 @@ class Variant:
         kind, _, impl = base.partition("-")
         modules = {"config": config_module, "mpnet": mpnet_module, "step": step_module}
         if kind == "before":
-            modules = load_before(args.before)
+            modules = before_revision.load(args.before)
         config = modules["config"].MPNetConfig(
             vocab_size=args.vocab,
             encoder_layers=args.layers,
@@ -316,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             args.hidden,
             args.ffn,
             args.vocab,
-            full_last_layer(v, args),
+            v.kind == "before" and before_revision.full_last_layer(args.before),
         )
         for v in variants
     }
