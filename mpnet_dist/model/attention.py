@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MPNetConfig
-from .dropout import dropout
+from .dropout import draws_own_masks, dropout
 from .flex import FlexKernel
 from .layout import AttentionLayout
 
@@ -92,7 +92,7 @@ class SDPAKernel:
         return prepared[:, :, start:]  # a view; row starts stay aligned
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Tensor, dropout_p: float) -> Tensor:
-        if dropout_p > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
+        if dropout_p > 0 and draws_own_masks(q):
             # With a float mask and dropout, torch's CPU SDPA takes its math path: the same products and
             # softmax, plus fully-masked-row checks no layout needs (no row is ever fully blocked), and
             # bernoulli_ masks 3x slower to draw than model/dropout.py's.
@@ -112,9 +112,7 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: flo
     bias = mask.to(q.dtype).expand(batch, heads, rows, cols).reshape(flat, rows, cols)
     keys = k.reshape(flat, cols, dim).transpose(1, 2)
     scores = torch.baddbmm(bias, q.reshape(flat, rows, dim), keys, alpha=dim**-0.5)  # [B*nh, T, S]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    if dropout_p > 0:
-        probs = dropout(probs, dropout_p)
+    probs = dropout(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), dropout_p)
     return torch.bmm(probs, v.reshape(flat, cols, dim)).view(batch, heads, rows, dim)
 
 

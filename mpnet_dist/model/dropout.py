@@ -25,12 +25,17 @@ from torch import Tensor, nn
 CODES = 1 << 16  # distinct 16-bit codes per element
 
 
+def draws_own_masks(x: Tensor) -> bool:
+    """Whether dropout of `x` uses `keep_mask` (a CPU tensor in eager mode) rather than PyTorch's own."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """F.dropout(x, p, training), with the mask drawn as `keep_mask` does on a CPU in eager mode."""
     if not training or p == 0.0:
         return x
     kept_codes = round((1.0 - p) * CODES)
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or not 0 < kept_codes < CODES:
+    if not draws_own_masks(x) or not 0 < kept_codes < CODES:
         return F.dropout(x, p, training=True)
     return x * keep_mask(x.shape, kept_codes, x.dtype)
 
